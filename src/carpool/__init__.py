@@ -1,0 +1,3 @@
+"""carpool: the FreeBSD high-availability stack for Linux."""
+
+__version__ = "0.1.0"
