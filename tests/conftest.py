@@ -34,3 +34,16 @@ def _clean_stale_labs() -> Iterator[None]:
         from carpool.lab.registry import clean
 
         clean()
+
+
+ROOT_ONLY_DIRECTORIES = ("integration", "interop", "e2e")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that build namespaces skip, with the reason, when not run as root."""
+    if IS_ROOT:
+        return
+    skip = pytest.mark.skip(reason="needs root: network namespaces on the real kernel")
+    for item in items:
+        if any(f"/tests/{part}/" in str(item.path) for part in ROOT_ONLY_DIRECTORIES):
+            item.add_marker(skip)

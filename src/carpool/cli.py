@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from carpool import __version__
+from carpool import __version__, supervisor
 from carpool.errors import CarpoolError
 from carpool.lab import cli as lab_cli
 
@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"carpool {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     lab_cli.add_parser(subparsers)
+    supervisor.add_parser(subparsers)
     return parser
 
 
@@ -25,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if arguments.command == "lab":
             return lab_cli.run(arguments)
+        if arguments.command == "supervise":
+            return supervisor.run(arguments)
     except CarpoolError as error:
         print(f"carpool: {error}", file=sys.stderr)
         return 1

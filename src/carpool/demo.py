@@ -33,10 +33,11 @@ def main() -> int:
                         verdict = "ok" if source.ping(address) else "FAILED"
                         print(f"  {source.name:>6} -> {target.name:<6} {address!s:<14} {verdict}")
             step("partition node1 from node2, then heal")
+            peer = node2.ipv4("lan")
             lab.partition([node1], [node2])
-            print(f"  partitioned: node1 -> node2 {'ok' if node1.ping(node2.ipv4('lan')) else 'lost'}")
+            print(f"  partitioned: node1 -> node2 {'ok' if node1.ping(peer) else 'lost'}")
             lab.heal()
-            print(f"  healed:      node1 -> node2 {'ok' if node1.ping(node2.ipv4('lan')) else 'lost'}")
+            print(f"  healed:      node1 -> node2 {'ok' if node1.ping(peer) else 'lost'}")
             step("tearing the lab down")
         print("done: nothing of the lab is left")
     except CarpoolError as error:

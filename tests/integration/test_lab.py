@@ -46,8 +46,10 @@ def test_three_nodes_reach_each_other_on_lan_and_sync_ipv4_and_ipv6() -> None:
                 for network in ("lan", "sync"):
                     assert source.ping(target.ipv4(network)), (source, target, network)
                     assert source.ping(target.ipv6(network)), (source, target, network)
-        names = {line.split(":")[1].strip().split("@")[0] for line in lab.nodes["node1"].run(
-            ["ip", "-o", "link"]).stdout.splitlines()}
+        names = {
+            line.split(":")[1].strip().split("@")[0]
+            for line in lab.nodes["node1"].run(["ip", "-o", "link"]).stdout.splitlines()
+        }
         assert {"em0", "em1"} <= names
     nothing_left(prefix)
 

@@ -31,7 +31,8 @@ def _ensure_table(prefix: str) -> str:
     table = table_name(prefix)
     return (
         f"add table bridge {table}\n"
-        f"add chain bridge {table} {CHAIN} {{ type filter hook forward priority 0; policy accept; }}\n"
+        f"add chain bridge {table} {CHAIN} "
+        "{ type filter hook forward priority 0; policy accept; }\n"
     )
 
 

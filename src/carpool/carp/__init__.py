@@ -1,0 +1,1 @@
+"""CARP, the Common Address Redundancy Protocol, as FreeBSD's carp(4) speaks it."""
