@@ -70,6 +70,10 @@ def carpd_conf(node: Node, advbase: int, advskew: int, preempt: int) -> Path:
     )
 
 
+def operstate(node: Node) -> str:
+    return node.run(["cat", "/sys/class/net/em0/operstate"]).stdout.strip()
+
+
 class Bench:
     def __init__(self, lab: Lab) -> None:
         self.lab = lab
@@ -81,7 +85,7 @@ class Bench:
 
     def reset(self) -> None:
         for router in self.routers.values():
-            router.node.kill_processes(signal.SIGKILL)
+            router.node.kill_everything()
             router.node.processes.clear()
             router.daemon = None
             self.lab.link_up(router.node, "em0")
@@ -92,8 +96,11 @@ class Bench:
             )
             router.others = [echo]
         self.client.run(["ip", "neigh", "flush", "dev", "em0"], check=False)
+        for router in self.routers.values():  # ucarp sleeps 10 s if it starts on a dead link
+            wait_until(lambda node=router.node: operstate(node) == "up", 10, "carrier")
 
     def start(self, system: str, *, fast: bool = False) -> None:
+        """node1 first, until it holds the VIP; then node2, which must settle as backup."""
         for router, (skew, priority) in zip(
             self.routers.values(), ((0, 200), (100, 100)), strict=True
         ):
@@ -110,7 +117,8 @@ class Bench:
                 router.daemon = start_keepalived(
                     node, vrid=1, vip=VIP, priority=priority, track_file=track
                 )
-        wait_until(lambda: holders(self.lab, VIP) == ["node1"], 20, f"{system} on node1")
+            if node is self.node1:
+                wait_until(lambda: holders(self.lab, VIP) == ["node1"], 20, f"{system} on node1")
         time.sleep(2.0)  # node2 settles as backup; a few adverts pass
         if holders(self.lab, VIP) != ["node1"]:
             raise RuntimeError(f"{system}: node2 took the VIP before the event")
@@ -152,6 +160,11 @@ class Bench:
         probe.wait(before + after + 30)
         data = json.loads(probe.output().strip().splitlines()[-1])
         result = ProbeResult(sent=data["sent"], answered_by=data["answered_by"])
+        answers = [who for who in result.answered_by if who is not None]
+        if not answers or answers[-1] != "node2":
+            daemon = self.routers["node1"].daemon
+            tail = daemon.output()[-2000:] if daemon else ""
+            raise RuntimeError(f"{system} {scenario}: node2 never took over\n{tail}")
         outage, _ = result.longest_outage(t0 - 0.3, PROBE_INTERVAL)
         return outage * 1000
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import sys
+import threading
 import time
 
 import pytest
 
-from carpool.lab import Lab
+from carpool.control import ControlClient
+from carpool.events import Event
+from carpool.lab import Lab, faults
 from carpool.lab.services import (
     carp_state,
     carpctl,
@@ -298,3 +301,169 @@ def test_stats_and_sysctl_through_carpctl() -> None:
         assert result == {"net.inet.carp.preempt": 1}
         wrong = carpctl(node2, "em0", "vhid", "9", "state", "backup", check=False)
         assert wrong.returncode == 1 and "vhid 9" in wrong.stderr
+
+
+PEER = """\
+ifconfig_em0="inet 10.0.0.{n} netmask 255.255.255.0"
+ifconfig_em0_alias0="vhid 5 advskew {skew} peer 10.0.0.{other} pass uni alias 10.0.0.105/32"
+"""
+
+
+def test_unicast_peers_work_with_multicast_blocked() -> None:
+    with Lab() as lab:
+        seed_lan(lab)
+        node1, node2 = lab.nodes["node1"], lab.nodes["node2"]
+        # The switch drops every frame to CARP's multicast group: only unicast gets through.
+        faults.add_rules(lab.switch, lab.prefix, ["ether daddr 01:00:5e:00:00:12 drop"])
+        start_carpd(node1, write_file(node1, "rc.conf", PEER.format(n=1, skew=0, other=2)))
+        wait_carp_state(node1, "MASTER", vhid=5)
+        start_carpd(node2, write_file(node2, "rc.conf", PEER.format(n=2, skew=100, other=1)))
+        wait_carp_state(node2, "BACKUP", vhid=5)
+        time.sleep(4)
+        assert carp_state(node2, vhid=5) == "BACKUP"
+        assert carpctl(node2, "stats")["ipackets"] >= 3
+        assert "peer 10.0.0.1 peer6 ff02::12" in carpctl_text(node2, "em0")
+        lab.crash(node1)
+        wait_carp_state(node2, "MASTER", vhid=5)
+
+
+def test_sighup_reloads_and_a_bad_file_keeps_the_running_configuration() -> None:
+    with Lab() as lab:
+        start_pair(lab)
+        node1 = lab.nodes["node1"]
+        conf = node1.dir / "rc.conf"
+        conf.write_text(
+            NODE1.format(preempt=1)
+            + 'ifconfig_em0_alias1="vhid 2 advskew 0 pass two alias 10.0.0.102/32"\n'
+        )
+        node1.run(["kill", "-HUP", str(carpctl(node1)["pid"])])
+        wait_carp_state(node1, "MASTER", vhid=2)
+        assert holders(lab, "10.0.0.102") == ["node1"]
+        conf.write_text('ifconfig_em0_alias0="vhid 300 alias 10.0.0.1/32"\n')
+        node1.run(["kill", "-HUP", str(carpctl(node1)["pid"])])
+        time.sleep(1)
+        assert carp_state(node1, vhid=2) == "MASTER" and carp_state(node1, vhid=1) == "MASTER"
+        log = node1.processes[0].output()
+        assert "rc.conf:1" in log and "vhid" in log
+
+
+def test_stale_vip_of_a_previous_run_is_removed_at_start() -> None:
+    with Lab() as lab:
+        start_pair(lab)
+        node2 = lab.nodes["node2"]
+        node2.processes[0].kill()  # supervisor and carpd at once: no cleanup runs
+        node2.processes.clear()
+        node2.run(["ip", "addr", "add", f"{VIP}/32", "dev", "em0"])
+        assert sorted(holders(lab, VIP)) == ["node1", "node2"]
+        start_carpd(node2, node2.dir / "rc.conf")
+        wait_carp_state(node2, "BACKUP")
+        assert holders(lab, VIP) == ["node1"]
+
+
+TWO_LINKS = """\
+ifconfig_em0="inet 10.0.0.{n} netmask 255.255.255.0"
+ifconfig_em1="inet 192.168.255.{n} netmask 255.255.255.0"
+ifconfig_em0_alias0="vhid 1 advskew {skew} pass lan alias 10.0.0.100/32"
+ifconfig_em1_alias0="vhid 2 advskew {skew} pass sync alias 192.168.255.100/32"
+net.inet.carp.preempt=1
+"""
+
+
+def test_with_preempt_a_dead_interface_moves_every_vhid_of_the_host() -> None:
+    with Lab() as lab:
+        seed_lan(lab)
+        for name in ("node1", "node2"):
+            lab.attach(lab.nodes[name], "sync", ifname="em1")
+        node1, node2 = lab.nodes["node1"], lab.nodes["node2"]
+        start_carpd(node1, write_file(node1, "rc.conf", TWO_LINKS.format(n=1, skew=0)))
+        wait_carp_state(node1, "MASTER", "em0", 1)
+        wait_carp_state(node1, "MASTER", "em1", 2)
+        start_carpd(node2, write_file(node2, "rc.conf", TWO_LINKS.format(n=2, skew=100)))
+        wait_carp_state(node2, "BACKUP", "em0", 1)
+        lab.unplug(node1, "em1")
+        wait_carp_state(node2, "MASTER", "em1", 2)
+        wait_carp_state(node2, "MASTER", "em0", 1)  # follows: node1 advertises skew 240 now
+        assert carpctl(node1, "get", "net.inet.carp.demotion")["net.inet.carp.demotion"] == 240
+        lab.plug(node1, "em1")
+        wait_carp_state(node1, "MASTER", "em0", 1)
+        wait_carp_state(node1, "MASTER", "em1", 2)
+
+
+def test_events_stream_and_metrics() -> None:
+    with Lab() as lab:
+        seed_lan(lab)
+        node1, node2 = lab.nodes["node1"], lab.nodes["node2"]
+        start_carpd(
+            node1,
+            write_file(node1, "rc.conf", NODE1.format(preempt=0)),
+            extra=("--metrics", "127.0.0.1:9812"),
+        )
+        wait_carp_state(node1, "MASTER")
+        start_carpd(node2, write_file(node2, "rc.conf", NODE2.format(preempt=0)))
+        wait_carp_state(node2, "BACKUP")
+        events: list[Event] = []
+
+        def follow() -> None:
+            for event in ControlClient(node2.dir / "carpd.sock").events():
+                events.append(event)
+                if event.name == "MASTER":
+                    return
+
+        follower = threading.Thread(target=follow, daemon=True)
+        follower.start()
+        time.sleep(0.5)
+        carpctl(node1, "em0", "vhid", "1", "state", "backup")
+        follower.join(10)
+        master = [e for e in events if e.name == "MASTER"]
+        assert master and master[0].attributes["subsystem"] == "1@em0"
+        assert master[0].attributes["system"] == "CARP"
+        page = node1.run(
+            [sys.executable, "-c",
+             "import urllib.request;"
+             "print(urllib.request.urlopen('http://127.0.0.1:9812/metrics').read().decode())"]
+        ).stdout  # fmt: skip
+        assert 'carpool_carp_state{ifname="em0",state="BACKUP",vhid="1"} 1.0' in page
+        assert "carpool_events_total" in page
+
+
+def test_advskew_command_changes_what_is_advertised() -> None:
+    with Lab() as lab:
+        start_pair(lab, preempt=1)
+        node1, node2 = lab.nodes["node1"], lab.nodes["node2"]
+        interface = carpctl(node1, "em0", "vhid", "1", "advskew", "200")
+        assert interface["vhids"][0]["advskew"] == 200
+        wait_carp_state(node2, "MASTER")  # node2 (100) preempts the now slower node1
+        assert "carp: BACKUP vhid 1 advbase 1 advskew 200" in carpctl_text(node1, "em0")
+
+
+VMAC = """\
+ifconfig_em0="inet 10.0.0.{n} netmask 255.255.255.0"
+ifconfig_em0_alias0="vhid 1 advskew {skew} pass secretpass vmac alias 10.0.0.100/32"
+net.inet.carp.preempt=1
+"""
+
+
+def test_virtual_mac_stays_the_same_across_failover() -> None:
+    with Lab() as lab:
+        seed_lan(lab)
+        node1, node2, client = (lab.nodes[n] for n in ("node1", "node2", "client"))
+        start_carpd(node1, write_file(node1, "rc.conf", VMAC.format(n=1, skew=0)))
+        wait_carp_state(node1, "MASTER")
+        start_carpd(node2, write_file(node2, "rc.conf", VMAC.format(n=2, skew=100)))
+        wait_carp_state(node2, "BACKUP")
+        assert holders(lab, VIP, ifname="vh1.em0") == ["node1"]
+        assert client.ping(VIP)
+        assert client.ping("10.0.0.1")
+
+        def lladdr(address: str) -> str:
+            return client.run(["ip", "neigh", "show", address]).stdout
+
+        assert "00:00:5e:00:01:01" in lladdr(VIP)
+        assert node1.mac("em0") in lladdr("10.0.0.1"), "the host's own address keeps its MAC"
+        assert carpctl(node1)["interfaces"]["em0"]["vhids"][0]["vmac"] == "00:00:5e:00:01:01"
+        lab.crash(node1)
+        wait_carp_state(node2, "MASTER")
+        wait_until(lambda: client.ping(VIP), what="the VIP to answer from node2")
+        assert "00:00:5e:00:01:01" in lladdr(VIP)
+        node2.processes[0].terminate()
+        assert "vh1.em0" not in node2.run(["ip", "-o", "link"]).stdout, "macvlan removed on stop"

@@ -16,6 +16,9 @@ and ``/etc/sysctl.conf`` for CARP, read through :mod:`carpool.rcconf`:
     ``A.B.C.D netmask M`` (dotted or ``0x``), ``X::Y/len`` or
     ``X::Y prefixlen N``.  Lines of the same (interface, vhid) add their
     addresses to one vhid; a setting given on two lines must agree.
+    carpool adds one word, ``vmac``: the vhid's addresses then live on a
+    macvlan with FreeBSD's virtual MAC 00:00:5e:00:01:<vhid>, so that
+    neighbours and switches never have to relearn a MAC on failover.
 ``net.inet.carp.<name>=<value>``
     carp(4)'s sysctls: preempt, allow, log, demotion, dscp,
     ifdown_demotion_factor, senderr_demotion_factor.
@@ -92,6 +95,7 @@ class VhidConfig:
     addresses: tuple[IPv4Interface | IPv6Interface, ...] = ()
     peer: IPv4Address | None = None
     peer6: IPv6Address | None = None
+    vmac: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.vhid <= MAX_VHID:
@@ -224,7 +228,7 @@ _OPTION_ARGUMENTS = {
     "tunnel": 2,
 }
 _NON_INET_FAMILIES = frozenset({"ether", "lladdr", "link", "atalk", "ipx"})
-_CARP_WORDS = ("advbase", "advskew", "pass", "peer", "peer6", "mcast", "mcast6")
+_CARP_WORDS = ("advbase", "advskew", "pass", "peer", "peer6", "mcast", "mcast6", "vmac")
 
 
 @dataclass(slots=True)
@@ -258,6 +262,7 @@ class _IfconfigLine:
     password: _Setting[bytes] | None = None
     peer: _Setting[IPv4Address | None] | None = None
     peer6: _Setting[IPv6Address | None] | None = None
+    vmac: _Setting[bool] | None = None
     carp_word: _Word | None = None
     foreign_family: _Word | None = None
     ignored: list[_Word] = field(default_factory=list)
@@ -362,6 +367,9 @@ class _IfconfigParser:
             result.carp_word = result.carp_word or word
         elif text == "mcast6":
             result.peer6 = self.setting(word, None)
+            result.carp_word = result.carp_word or word
+        elif text == "vmac":
+            result.vmac = self.setting(word, True)
             result.carp_word = result.carp_word or word
         elif text == "state":
             raise self.error("state is a runtime command; use carpctl", word)
@@ -521,6 +529,7 @@ class _VhidBuilder:
     password: _Setting[bytes] | None = None
     peer: _Setting[IPv4Address | None] | None = None
     peer6: _Setting[IPv6Address | None] | None = None
+    vmac: _Setting[bool] | None = None
     addresses: list[IPv4Interface | IPv6Interface] = field(default_factory=list)
 
     def build(self) -> VhidConfig:
@@ -533,6 +542,7 @@ class _VhidBuilder:
             addresses=tuple(self.addresses),
             peer=self.peer.value if self.peer else None,
             peer6=self.peer6.value if self.peer6 else None,
+            vmac=self.vmac.value if self.vmac else False,
         )
 
 
@@ -616,7 +626,7 @@ class _ConfigBuilder:
             word = line.ignored[0]
             raise parser.error(
                 f"{word.text!r} is not a CARP word (vhid, advbase, advskew, pass, peer, peer6, "
-                "mcast, mcast6, alias, inet, inet6, netmask, prefixlen or an address); "
+                "mcast, mcast6, vmac, alias, inet, inet6, netmask, prefixlen or an address); "
                 "put interface options in ifconfig_<if>",
                 word,
             )
@@ -649,6 +659,7 @@ class _ConfigBuilder:
         vhid.password = _agree("pass", label, vhid.password, line.password, self.path, None)
         vhid.peer = _agree("peer", label, vhid.peer, line.peer, self.path, _describe_peer)
         vhid.peer6 = _agree("peer6", label, vhid.peer6, line.peer6, self.path, _describe_peer)
+        vhid.vmac = _agree("vmac", label, vhid.vmac, line.vmac, self.path, str)
         if line.address is not None:
             self.claim_address(line, vhid.vhid)
             vhid.addresses.append(line.address)

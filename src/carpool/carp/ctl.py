@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ipaddress
 import json
 import sys
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from carpool.carp.config import load_config
+from carpool.carp.vmac import vmac_ifname
 from carpool.control import ControlClient, default_run_dir, socket_path
 from carpool.errors import CarpoolError
 from carpool.net.netlink import Netlink
@@ -145,6 +147,12 @@ async def _cleanup(config_path: str) -> list[str]:
     removed = []
     try:
         for vhid in config.vhids:
+            if vhid.vmac:
+                with contextlib.suppress(CarpoolError):
+                    index = await netlink.index(vhid.ifname)
+                    name = vmac_ifname(vhid.ifname, vhid.vhid, index)
+                    if await netlink.delete(name):
+                        removed.append(f"{name} (vhid {vhid.vhid})")
             for address in vhid.addresses:
                 try:
                     if await netlink.remove_address(vhid.ifname, address):

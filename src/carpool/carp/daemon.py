@@ -40,12 +40,13 @@ from carpool.carp.machine import (
     StateChanged,
     TakeAddresses,
 )
+from carpool.carp.vmac import vmac_address, vmac_ifname
 from carpool.control import ControlServer, default_run_dir, socket_path, write_pidfile
 from carpool.errors import CarpoolError, CommandError, ProtocolError
 from carpool.events import Event, EventBus, setup_logging
 from carpool.metrics import start_metrics_server
 from carpool.net import announce
-from carpool.net.netlink import LinkState, Netlink, watch_links
+from carpool.net.netlink import LinkState, Netlink, set_interface_sysctl, watch_links
 
 log = logging.getLogger("carpool.carpd")
 
@@ -67,9 +68,7 @@ class InterfaceSockets:
     ipv4: socket.socket | None = None
     ipv6: socket.socket | None = None
     mac: bytes = b""
-    own_addresses: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = field(
-        default_factory=list
-    )
+    own_addresses: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = field(default_factory=list)
 
     def local(self, version: int) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         """The address our adverts leave from (the interface's first of that family)."""
@@ -95,6 +94,7 @@ class CarpDaemon:
         self.netlink = Netlink()
         self.interfaces: dict[str, InterfaceSockets] = {}
         self.link_up: dict[str, bool] = {}
+        self.vmacs: dict[tuple[str, int], str] = {}
         self.actions: asyncio.Queue[object] = asyncio.Queue()
         self.stopping = asyncio.Event()
         self.timer: asyncio.TimerHandle | None = None
@@ -158,10 +158,13 @@ class CarpDaemon:
         elif isinstance(action, TakeAddresses):
             await self.take_addresses(action.ifname, action.vhid, action.addresses)
         elif isinstance(action, ReleaseAddresses):
+            device = self.vmacs.get((action.ifname, action.vhid), action.ifname)
             for address in action.addresses:
-                await self.netlink.remove_address(action.ifname, address)
+                await self.netlink.remove_address(device, address)
+            if device != action.ifname:
+                await self.netlink.set_up(device, False)
         elif isinstance(action, Announce):
-            self.announce(action.ifname, action.addresses)
+            self.announce(action.ifname, action.vhid, action.addresses)
         elif isinstance(action, StateChanged):
             self.state_changed(action)
         elif isinstance(action, DemotionChanged):
@@ -257,9 +260,12 @@ class CarpDaemon:
             self.feed(self.host.send_succeeded(action.ifname, action.vhid, now))
 
     async def take_addresses(self, ifname: str, vhid: int, addresses: Addresses) -> None:
+        device = self.vmacs.get((ifname, vhid), ifname)
+        if device != ifname:
+            await self.netlink.set_up(device, True)
         for address in addresses:
-            await self.netlink.add_address(ifname, address)
-        self.announce(ifname, addresses)
+            await self.netlink.add_address(device, address)
+        self.announce(ifname, vhid, addresses)
         # Once more a moment later, for neighbours and switches that missed the first.
         asyncio.get_running_loop().call_later(
             0.5, self._announce_if_master, ifname, vhid, addresses
@@ -267,21 +273,24 @@ class CarpDaemon:
 
     def _announce_if_master(self, ifname: str, vhid: int, addresses: Addresses) -> None:
         if self.host.state(ifname, vhid) is CarpState.MASTER:
-            self.announce(ifname, addresses)
+            self.announce(ifname, vhid, addresses)
 
-    def announce(self, ifname: str, addresses: Addresses) -> None:
+    def announce(self, ifname: str, vhid: int, addresses: Addresses) -> None:
         """Gratuitous ARP for each IPv4 address, unsolicited NA for each IPv6 address."""
         sockets_ = self.interfaces.get(ifname)
         if sockets_ is None or not sockets_.mac:
             return
+        device, mac = ifname, sockets_.mac
+        if (ifname, vhid) in self.vmacs:
+            device, mac = self.vmacs[(ifname, vhid)], announce.mac_bytes(vmac_address(vhid))
         for address in addresses:
             try:
                 if isinstance(address, ipaddress.IPv4Interface):
-                    announce.send_gratuitous_arp(ifname, sockets_.mac, address.ip)
+                    announce.send_gratuitous_arp(device, mac, address.ip)
                 else:
-                    announce.send_unsolicited_na(ifname, sockets_.mac, address.ip)
+                    announce.send_unsolicited_na(device, mac, address.ip)
             except OSError as error:
-                log.warning("could not announce %s on %s: %s", address.ip, ifname, error)
+                log.warning("could not announce %s on %s: %s", address.ip, device, error)
 
     # -- receiving -------------------------------------------------------------------------
 
@@ -399,6 +408,32 @@ class CarpDaemon:
                 loop.remove_reader(sock.fileno())
                 sock.close()
 
+    async def prepare_vmacs(self) -> None:
+        """One macvlan per ``vmac`` vhid, down until the vhid is MASTER.
+
+        Neither the parent nor the macvlan answers ARP for addresses it does not
+        carry (``arp_ignore=1``), so the VIP is answered with the virtual MAC only.
+        """
+        wanted = {c.key for c in self.config.vhids if c.vmac}
+        for key in [k for k in self.vmacs if k not in wanted]:
+            await self.netlink.delete(self.vmacs.pop(key))
+        for config in self.config.vhids:
+            if not config.vmac or config.key in self.vmacs:
+                continue
+            name = vmac_ifname(config.ifname, config.vhid, await self.netlink.index(config.ifname))
+            if await self.netlink.delete(name):
+                log.info("removed stale %s", name)
+            await self.netlink.create_macvlan(config.ifname, name, vmac_address(config.vhid))
+            for device in (config.ifname, name):
+                set_interface_sysctl(device, "arp_ignore", 1)
+            self.vmacs[config.key] = name
+
+    async def remove_vmacs(self) -> None:
+        for name in self.vmacs.values():
+            with contextlib.suppress(CarpoolError):
+                await self.netlink.delete(name)
+        self.vmacs.clear()
+
     async def remove_stale_addresses(self, configs: tuple[VhidConfig, ...]) -> None:
         """A previous carpd killed without cleanup may have left its VIPs: remove them."""
         for config in configs:
@@ -474,6 +509,8 @@ class CarpDaemon:
                     "addresses": [str(a) for a in config.addresses],
                     "peer": str(config.peer) if config.peer else None,
                     "peer6": str(config.peer6) if config.peer6 else None,
+                    "vmac": vmac_address(config.vhid) if config.vmac else None,
+                    "device": self.vmacs.get(config.key, config.ifname),
                 }
             )
         return {
@@ -566,6 +603,8 @@ class CarpDaemon:
             raise
         self.config = config
         self.feed(self.host.reconfigure(config, time.monotonic()))
+        await self._drain()
+        await self.prepare_vmacs()
         await self.open_interfaces()
         log.info("configuration reloaded from %s", self.config_path)
 
@@ -590,6 +629,7 @@ class CarpDaemon:
         self.tasks.append(asyncio.ensure_future(self.perform_actions()))
         try:
             await self.remove_stale_addresses(self.config.vhids)
+            await self.prepare_vmacs()
             self.tasks.append(asyncio.ensure_future(self.watch_links()))
             await self.open_interfaces()
             log.info(
@@ -599,6 +639,7 @@ class CarpDaemon:
             log.info("carpd stopping: leaving every vhid")
             self.feed(self.host.shutdown(time.monotonic()))
             await asyncio.wait_for(self._drain(), timeout=5.0)
+            await self.remove_vmacs()
         finally:
             if self.timer is not None:
                 self.timer.cancel()

@@ -30,6 +30,7 @@ from carpool.lab import faults
 from carpool.lab.registry import (
     LabRecord,
     check_prefix,
+    namespace_pids,
     new_prefix,
     process_start_time,
     remove_lab,
@@ -111,7 +112,9 @@ class LabProcess:
                 os.kill(self.popen.pid, signum)
 
     def kill(self) -> None:
-        """SIGKILL, as a crash would end it."""
+        """SIGKILL to the process and everything it started, as a crash would end them."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, signal.SIGKILL)  # spawned as a session leader
         self.signal(signal.SIGKILL)
         self.popen.wait()
 
@@ -162,6 +165,10 @@ class Node:
         self.lab.record.save()
         _run(["ip", "netns", "add", self.netns])
         _run(["ip", "-n", self.netns, "link", "set", "lo", "up"])
+        # Like FreeBSD, keep IPv6 addresses across a link flap (Linux drops them by default).
+        for scope in ("all", "default"):
+            _run(["ip", "netns", "exec", self.netns, "sysctl", "-q", "-w",
+                  f"net.ipv6.conf.{scope}.keep_addr_on_down=1"])  # fmt: skip
         if mount_namespace:
             # A process that holds a private mount namespace; commands enter it with nsenter.
             holder = subprocess.Popen(
@@ -332,13 +339,26 @@ class Node:
         return result.returncode == 0
 
     def kill_processes(self, signum: int = signal.SIGKILL) -> None:
+        """Signal every process started here, with their children; wait for them to end."""
         for process in self.processes:
-            process.signal(signum)
+            if signum == signal.SIGKILL:
+                process.kill()
+            else:
+                process.signal(signum)
         for process in self.processes:
             try:
                 process.popen.wait(10)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+    def kill_everything(self) -> None:
+        """SIGKILL every process in the node's namespace (what a power cut does)."""
+        holder = self._mount_holder.pid if self._mount_holder is not None else None
+        for pid in namespace_pids(self.netns):
+            if pid != holder:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+        self.kill_processes(signal.SIGKILL)
 
     def __repr__(self) -> str:
         return f"<Node {self.name} netns={self.netns}>"
@@ -600,7 +620,7 @@ class Lab:
         node = self.nodes[node] if isinstance(node, str) else node
         for ifname in node.interfaces:
             self.link_down(node, ifname)
-        node.kill_processes(signal.SIGKILL)
+        node.kill_everything()
 
     def _ports(self, nodes: Iterable[Node | str], network: str | None) -> list[str]:
         ports: list[str] = []

@@ -163,6 +163,9 @@ def start_keepalived(
         f"  virtual_router_id {vrid}\n  priority {priority}\n  advert_int {advert_int}\n"
         f"{track_use}  virtual_ipaddress {{\n    {vip}/32 dev {ifname}\n  }}\n}}\n",
     )
+    for pidfile in ("keepalived.pid", "keepalived-vrrp.pid"):
+        # A SIGKILLed keepalived leaves them; a reused pid would make it refuse to start.
+        (node.dir / pidfile).unlink(missing_ok=True)
     argv = [
         "keepalived", "-n", "-l", "-D", "-G", "-P", "-f", str(conf),
         "-p", str(node.dir / "keepalived.pid"), "-r", str(node.dir / "keepalived-vrrp.pid"),

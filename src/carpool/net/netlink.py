@@ -110,6 +110,33 @@ class Netlink:
         return removed
 
 
+    async def create_macvlan(self, parent: str, name: str, mac: str) -> None:
+        index = await self.index(parent)
+        try:
+            await self._route.link(
+                "add", ifname=name, kind="macvlan", link=index, macvlan_mode="bridge", address=mac
+            )
+        except NetlinkError as error:
+            raise CarpoolError(f"cannot create {name} on {parent}: {error}") from None
+
+    async def exists(self, name: str) -> bool:
+        return bool(await self._route.link_lookup(ifname=name))
+
+    async def set_up(self, name: str, up: bool) -> None:
+        index = await self.index(name)
+        await self._route.link("set", index=index, state="up" if up else "down")
+
+    async def delete(self, name: str) -> bool:
+        indexes = await self._route.link_lookup(ifname=name)
+        if not indexes:
+            return False
+        try:
+            await self._route.link("del", index=indexes[0])
+        except NetlinkError as error:
+            if error.code != errno.ENODEV:
+                raise CarpoolError(f"cannot delete {name}: {error}") from None
+        return True
+
 async def watch_links() -> AsyncIterator[LinkState]:
     """Every link change the kernel reports, as it happens."""
     monitor = AsyncIPRoute()
@@ -125,3 +152,14 @@ async def watch_links() -> AsyncIterator[LinkState]:
             await asyncio.sleep(0)
     finally:
         monitor.close()
+
+
+def set_interface_sysctl(ifname: str, name: str, value: int, family: str = "ipv4") -> None:
+    """Write ``net.<family>.conf.<ifname>.<name>`` (of the caller's network namespace)."""
+    path = f"/proc/sys/net/{family}/conf/{ifname}/{name}"
+    try:
+        with open(path, "w", encoding="ascii") as handle:
+            handle.write(f"{value}\n")
+    except OSError as error:
+        raise CarpoolError(f"cannot set {path}: {error.strerror or error}") from None
+
