@@ -412,7 +412,8 @@ class CarpDaemon:
         """One macvlan per ``vmac`` vhid, down until the vhid is MASTER.
 
         Neither the parent nor the macvlan answers ARP for addresses it does not
-        carry (``arp_ignore=1``), so the VIP is answered with the virtual MAC only.
+        carry (``arp_ignore=1``) nor announces them (``arp_announce=2``), so the VIP
+        is only ever seen at the virtual MAC.
         """
         wanted = {c.key for c in self.config.vhids if c.vmac}
         for key in [k for k in self.vmacs if k not in wanted]:
@@ -426,6 +427,9 @@ class CarpDaemon:
             await self.netlink.create_macvlan(config.ifname, name, vmac_address(config.vhid))
             for device in (config.ifname, name):
                 set_interface_sysctl(device, "arp_ignore", 1)
+                # ARP requests the host sends must not carry the VIP as their source,
+                # or neighbours would learn the VIP at the parent's real MAC.
+                set_interface_sysctl(device, "arp_announce", 2)
             self.vmacs[config.key] = name
 
     async def remove_vmacs(self) -> None:

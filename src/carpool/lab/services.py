@@ -45,17 +45,17 @@ def write_file(node: Node, name: str, text: str) -> Path:
 
 
 def holds(node: Node, address: str, ifname: str = "em0") -> bool:
-    result = node.run(["ip", "-o", "addr", "show", "dev", ifname], check=False)
-    return f" {address}/" in result.stdout
+    """True if ``address`` is on ``ifname`` and the link is up (a dead host's is not)."""
+    result = node.run(["ip", "-br", "addr", "show", "dev", ifname], check=False)
+    words = result.stdout.split()
+    if len(words) < 2 or words[1] not in ("UP", "UNKNOWN"):
+        return False
+    return any(word.split("/")[0] == address for word in words[2:])
 
 
 def holders(lab: Lab, address: str, ifname: str = "em0") -> list[str]:
     """The nodes that carry ``address`` on ``ifname`` right now."""
-    return [
-        name
-        for name, node in lab.nodes.items()
-        if ifname in node.interfaces and holds(node, address, ifname)
-    ]
+    return [name for name, node in lab.nodes.items() if holds(node, address, ifname)]
 
 
 # -- carpd -------------------------------------------------------------------------------
