@@ -469,7 +469,16 @@ class ControlServer:
             not isinstance(names, list) or not all(isinstance(n, str) for n in names)
         ):
             return _error('"events" must be a list of event names'), None
+        since = args.get("since")
+        if since is not None and (isinstance(since, bool) or not isinstance(since, int | float)):
+            return _error('"since" must be a monotonic time in seconds'), None
         sub = self.bus.subscribe(names=names)
+        if since is not None:
+            # Remembered events newer than `since` first, so that a follower that
+            # (re)connects late misses nothing that happened since it last looked.
+            for event in self.bus.recent():
+                if event.monotonic > since:
+                    sub._offer(event)
         return _encode({"ok": True, "result": "subscribed"}), sub
 
     async def _stream(
@@ -616,10 +625,12 @@ def _request_line(command: str, args: Mapping[str, Any]) -> bytes:
     return _encode({"command": command, "args": dict(args)})
 
 
-def _subscribe_line(names: Collection[str] | None) -> bytes:
+def _subscribe_line(names: Collection[str] | None, since: float | None = None) -> bytes:
     args: dict[str, Any] = {}
     if names is not None:
         args["events"] = list(names)
+    if since is not None:
+        args["since"] = since
     return _request_line("subscribe", args)
 
 
@@ -852,9 +863,15 @@ async def async_request(path: str | os.PathLike[str], command: str, /, **args: A
 
 
 async def async_subscribe(
-    path: str | os.PathLike[str], names: Collection[str] | None = None
+    path: str | os.PathLike[str],
+    names: Collection[str] | None = None,
+    since: float | None = None,
 ) -> AsyncGenerator[Event, None]:
     """Yield the events of the daemon at *path* (only those named in *names*, if given).
+
+    With *since* (a ``time.monotonic()`` value: the clock is shared by every process
+    and namespace of the machine), the daemon first replays the events it still
+    remembers that are newer, so a follower that connects late misses none.
 
     Ends when the daemon closes the stream (it stopped or restarted: reconnect);
     raises :class:`ControlError` if it cannot subscribe or the daemon drops us.
@@ -865,7 +882,7 @@ async def async_subscribe(
     try:
         try:
             async with asyncio.timeout(DEFAULT_TIMEOUT):
-                writer.write(_subscribe_line(names))
+                writer.write(_subscribe_line(names, since))
                 await writer.drain()
                 line = await _read_answer(reader, where)
         except TimeoutError:

@@ -887,3 +887,30 @@ def test_client_rejects_a_malformed_answer(sockdir: Path) -> None:
 def select_readable(conn: socket.socket) -> None:
     readable, _, _ = select.select([conn], [], [], 10)
     assert readable
+
+
+def test_subscribe_since_replays_remembered_events_newer_than_it(sockdir: Path) -> None:
+    path = sockdir / "testd.sock"
+    bus = EventBus()
+
+    async def main() -> None:
+        async with serving(path, bus):
+            bus.publish(Event.now("testd", "OLD"))
+            since = bus.recent()[-1].monotonic
+            bus.publish(Event.now("testd", "MISSED", n=1))
+            bus.publish(Event.now("testd", "MISSED", n=2))
+            names = []
+            async with contextlib.aclosing(async_subscribe(path, since=since)) as stream:
+                async for event in stream:
+                    names.append((event.name, dict(event.attributes)))
+                    if len(names) == 2:
+                        bus.publish(Event.now("testd", "LIVE"))
+                    if event.name == "LIVE":
+                        break
+            assert names == [("MISSED", {"n": 1}), ("MISSED", {"n": 2}), ("LIVE", {})]
+            with pytest.raises(RemoteError, match="since"):
+                async with contextlib.aclosing(async_subscribe(path, since="x")) as bad:  # type: ignore[arg-type]
+                    async for _ in bad:
+                        break
+
+    run(main)

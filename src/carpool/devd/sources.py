@@ -17,10 +17,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
-from carpool.control import ControlError, async_subscribe, socket_path
+from carpool.control import ControlError, async_request, async_subscribe, socket_path
 from carpool.events import Event
 from carpool.net.netlink import watch_links
 
@@ -34,7 +35,7 @@ DAEMON_SYSTEMS: dict[str, str] = {
     "relayd": "RELAYD",
     "zfs-replicate": "ZFS",
 }
-RETRY_MIN, RETRY_MAX = 0.2, 5.0
+RETRY_MIN, RETRY_MAX = 0.2, 2.0
 
 DevdVariables = dict[str, str]
 
@@ -83,13 +84,18 @@ async def follow_daemon(run_dir: Path, daemon: str) -> AsyncIterator[Event]:
     path = socket_path(run_dir, daemon)
     delay = RETRY_MIN
     connected = False
+    # Nothing that happens after we start is missed: on every (re)connection the
+    # daemon replays what it remembers since the last event we saw.
+    seen = time.monotonic()
     while True:
         try:
-            async with contextlib.aclosing(async_subscribe(path)) as stream:
+            await async_request(path, "ping")  # quiet while the daemon is not running
+            async with contextlib.aclosing(async_subscribe(path, since=seen)) as stream:
                 if not connected:
                     log.info("following %s events on %s", daemon, path)
                 connected, delay = True, RETRY_MIN
                 async for event in stream:
+                    seen = max(seen, event.monotonic)
                     yield event
             log.info("%s closed its event stream; waiting for it to come back", daemon)
         except ControlError:

@@ -171,3 +171,44 @@ def start_keepalived(
         "-p", str(node.dir / "keepalived.pid"), "-r", str(node.dir / "keepalived-vrrp.pid"),
     ]  # fmt: skip
     return node.spawn(argv, name="keepalived")
+
+
+# -- devd and ifstated ---------------------------------------------------------------------
+
+
+def start_devd(
+    node: Node, conf: Path, *, timeout: float = 60.0, path_prefix: Path | None = None
+) -> LabProcess:
+    """devd following the node's carpool daemons; ``path_prefix`` goes first in PATH."""
+    environment = {}
+    if path_prefix is not None:
+        environment["PATH"] = f"{path_prefix}:{BIN}:/usr/sbin:/usr/bin:/sbin:/bin"
+    argv = [
+        str(BIN / "devd"),
+        "-f",
+        str(conf),
+        "--run-dir",
+        str(node.dir),
+        "--timeout",
+        str(timeout),
+    ]
+    return node.spawn(argv, name="devd", env=environment)
+
+
+def start_ifstated(node: Node, conf: Path, *, timeout: float = 60.0) -> LabProcess:
+    argv = [
+        str(BIN / "ifstated"), "-f", str(conf), "--run-dir", str(node.dir),
+        "--timeout", str(timeout),
+    ]  # fmt: skip
+    return node.spawn(argv, name="ifstated")
+
+
+def daemon_status(node: Node, daemon: str) -> Any:
+    """The ``status`` answer of a daemon in the node, or None if it does not answer."""
+    from carpool.control import ControlClient, ControlError, socket_path
+
+    try:
+        with ControlClient(socket_path(node.dir, daemon), timeout=5) as client:
+            return client.request("status")
+    except ControlError:
+        return None

@@ -64,6 +64,10 @@ class Netlink:
             return _link_state(message)
         raise CarpoolError(f"interface {ifname} disappeared")
 
+    async def links(self) -> list[LinkState]:
+        """Every link of the namespace, with its current state."""
+        return [_link_state(message) async for message in await self._route.get_links()]
+
     async def addresses(self, ifname: str) -> list[InterfaceAddress]:
         index = await self.index(ifname)
         found: list[InterfaceAddress] = []
