@@ -14,7 +14,6 @@ import ipaddress
 import logging
 import os
 import secrets
-import signal
 import socket
 import sys
 import time
@@ -41,12 +40,12 @@ from carpool.carp.machine import (
     TakeAddresses,
 )
 from carpool.carp.vmac import vmac_address, vmac_ifname
-from carpool.control import ControlServer, default_run_dir, socket_path, write_pidfile
+from carpool.control import default_run_dir
 from carpool.errors import CarpoolError, CommandError, ProtocolError
 from carpool.events import Event, EventBus, setup_logging
-from carpool.metrics import start_metrics_server
 from carpool.net import announce
 from carpool.net.netlink import LinkState, Netlink, set_interface_sysctl, watch_links
+from carpool.service import DaemonShell
 
 log = logging.getLogger("carpool.carpd")
 
@@ -615,53 +614,42 @@ class CarpDaemon:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        server = ControlServer(socket_path(self.run_dir, DAEMON), self.handlers(), self.bus)
-        await server.start()
-        write_pidfile(self.run_dir / f"{DAEMON}.pid")
-        metrics = (
-            start_metrics_server(self.metrics_address, self.registry)
-            if self.metrics_address
-            else None
-        )
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self.stopping.set)
-        loop.add_signal_handler(
-            signal.SIGHUP, lambda: asyncio.ensure_future(self._reload_quietly())
-        )
-        self.tasks.append(asyncio.ensure_future(self.perform_actions()))
-        try:
-            await self.remove_stale_addresses(self.config.vhids)
-            await self.prepare_vmacs()
-            self.tasks.append(asyncio.ensure_future(self.watch_links()))
-            await self.open_interfaces()
-            log.info(
-                "carpd started: %d vhids on %s", len(self.config.vhids), ", ".join(self.interfaces)
-            )
-            await self.stopping.wait()
-            log.info("carpd stopping: leaving every vhid")
-            self.feed(self.host.shutdown(time.monotonic()))
-            await asyncio.wait_for(self._drain(), timeout=5.0)
-            await self.remove_vmacs()
-        finally:
-            if self.timer is not None:
-                self.timer.cancel()
-            for task in self.tasks:
-                task.cancel()
-            for ifname in list(self.interfaces):
-                self.close_interface(ifname)
-            await server.close()
-            if metrics is not None:
-                metrics.close()
-            await self.netlink.close()
-            with contextlib.suppress(OSError):
-                (self.run_dir / f"{DAEMON}.pid").unlink()
+        async with DaemonShell(
+            DAEMON, self.run_dir, self.handlers(), self.bus, self.registry, self.metrics_address,
+            on_hup=self._on_hup,
+        ) as shell:  # fmt: skip
+            self.stopping = shell.stopping
+            self.tasks.append(asyncio.ensure_future(self.perform_actions()))
+            try:
+                await self.remove_stale_addresses(self.config.vhids)
+                await self.prepare_vmacs()
+                self.tasks.append(asyncio.ensure_future(self.watch_links()))
+                await self.open_interfaces()
+                log.info(
+                    "carpd started: %d vhids on %s",
+                    len(self.config.vhids), ", ".join(self.interfaces),
+                )  # fmt: skip
+                await self.stopping.wait()
+                log.info("carpd stopping: leaving every vhid")
+                self.feed(self.host.shutdown(time.monotonic()))
+                await asyncio.wait_for(self._drain(), timeout=5.0)
+                await self.remove_vmacs()
+            finally:
+                if self.timer is not None:
+                    self.timer.cancel()
+                for task in self.tasks:
+                    task.cancel()
+                for ifname in list(self.interfaces):
+                    self.close_interface(ifname)
+                await self.netlink.close()
 
     async def _drain(self) -> None:
         while not self.actions.empty():
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.01)
+
+    def _on_hup(self) -> None:
+        self.tasks.append(asyncio.ensure_future(self._reload_quietly()))
 
     async def _reload_quietly(self) -> None:
         with contextlib.suppress(CarpoolError):

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
-import signal
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,7 +20,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from prometheus_client import Counter as PromCounter
 
-from carpool.control import ControlServer, default_run_dir, socket_path, write_pidfile
+from carpool.control import default_run_dir
 from carpool.devd.actions import DEFAULT_TIMEOUT, ActionResult, ActionRunner
 from carpool.devd.devdconf import DevdConfig, expand_action, load_devd_config
 from carpool.devd.sources import (
@@ -34,7 +32,7 @@ from carpool.devd.sources import (
 )
 from carpool.errors import CarpoolError
 from carpool.events import Event, EventBus, setup_logging
-from carpool.metrics import start_metrics_server
+from carpool.service import DaemonShell
 
 log = logging.getLogger("carpool.devd")
 DAEMON = "devd"
@@ -110,39 +108,22 @@ class DevdDaemon:
         return {"rules": len(self.config.rules)}
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        server = ControlServer(
-            socket_path(self.run_dir, DAEMON),
-            {"status": self.status, "reload": self.reload},
-            self.bus,
-            DAEMON,
-        )
-        await server.start()
-        write_pidfile(self.run_dir / f"{DAEMON}.pid")
-        metrics = (
-            start_metrics_server(self.metrics_address, self.registry)
-            if self.metrics_address
-            else None
-        )
-        stopping = asyncio.Event()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stopping.set)
-        loop.add_signal_handler(signal.SIGHUP, self._reload_quietly)
-        tasks = [asyncio.ensure_future(self.runner.run_forever())]
-        tasks += [asyncio.ensure_future(self.follow(name)) for name in DAEMON_SYSTEMS]
-        tasks.append(asyncio.ensure_future(self.follow_kernel_links()))
-        log.info("devd started: %d rules from %s", len(self.config.rules), ", ".join(self.paths))
-        try:
-            await stopping.wait()
-        finally:
-            for task in tasks:
-                task.cancel()
-            await server.close()
-            if metrics is not None:
-                metrics.close()
-            with contextlib.suppress(OSError):
-                (self.run_dir / f"{DAEMON}.pid").unlink()
+        handlers = {"status": self.status, "reload": self.reload}
+        async with DaemonShell(
+            DAEMON, self.run_dir, handlers, self.bus, self.registry, self.metrics_address,
+            on_hup=self._reload_quietly,
+        ) as shell:  # fmt: skip
+            tasks = [asyncio.ensure_future(self.runner.run_forever())]
+            tasks += [asyncio.ensure_future(self.follow(name)) for name in DAEMON_SYSTEMS]
+            tasks.append(asyncio.ensure_future(self.follow_kernel_links()))
+            log.info(
+                "devd started: %d rules from %s", len(self.config.rules), ", ".join(self.paths)
+            )
+            try:
+                await shell.stopping.wait()
+            finally:
+                for task in tasks:
+                    task.cancel()
 
     def _reload_quietly(self) -> None:
         try:

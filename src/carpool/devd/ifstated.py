@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import signal
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,14 +19,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
 
-from carpool.control import (
-    ControlError,
-    ControlServer,
-    async_request,
-    default_run_dir,
-    socket_path,
-    write_pidfile,
-)
+from carpool.control import ControlError, async_request, default_run_dir, socket_path
 from carpool.devd.actions import DEFAULT_TIMEOUT, ActionResult, ActionRunner
 from carpool.devd.ifstated_machine import (
     CancelExternal,
@@ -42,8 +34,8 @@ from carpool.devd.ifstatedconf import IfstatedConfig, load_ifstated_config
 from carpool.devd.sources import follow_daemon, follow_links
 from carpool.errors import CarpoolError
 from carpool.events import Event, EventBus, setup_logging
-from carpool.metrics import start_metrics_server
 from carpool.net.netlink import Netlink
+from carpool.service import DaemonShell
 
 log = logging.getLogger("carpool.ifstated")
 DAEMON = "ifstated"
@@ -157,37 +149,21 @@ class IfstatedDaemon:
         }
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        server = ControlServer(
-            socket_path(self.run_dir, DAEMON), {"status": self.status}, self.bus, DAEMON
-        )
-        await server.start()
-        write_pidfile(self.run_dir / f"{DAEMON}.pid")
-        metrics = (
-            start_metrics_server(self.metrics_address, self.registry)
-            if self.metrics_address
-            else None
-        )
-        stopping = asyncio.Event()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stopping.set)
-        tasks = [asyncio.ensure_future(self.runner.run_forever())]
-        tasks.append(asyncio.ensure_future(self.follow_links()))
-        self.perform(self.machine.start())
-        await self.initial_states()
-        tasks.append(asyncio.ensure_future(self.follow_carp()))
-        log.info("ifstated started in state %s", self.machine.current)
-        try:
-            await stopping.wait()
-        finally:
-            for task in [*tasks, *self.externals.values()]:
-                task.cancel()
-            await server.close()
-            if metrics is not None:
-                metrics.close()
-            with contextlib.suppress(OSError):
-                (self.run_dir / f"{DAEMON}.pid").unlink()
+        async with DaemonShell(
+            DAEMON, self.run_dir, {"status": self.status}, self.bus, self.registry,
+            self.metrics_address,
+        ) as shell:  # fmt: skip
+            tasks = [asyncio.ensure_future(self.runner.run_forever())]
+            tasks.append(asyncio.ensure_future(self.follow_links()))
+            self.perform(self.machine.start())
+            await self.initial_states()
+            tasks.append(asyncio.ensure_future(self.follow_carp()))
+            log.info("ifstated started in state %s", self.machine.current)
+            try:
+                await shell.stopping.wait()
+            finally:
+                for task in [*tasks, *self.externals.values()]:
+                    task.cancel()
 
 
 def main(argv: list[str] | None = None) -> int:
