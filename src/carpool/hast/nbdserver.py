@@ -154,12 +154,35 @@ class FileBackend:
         return self._fallocate(self.fd, mode, self.offset + offset, length) == 0
 
 
-class NbdServer:
-    """Serves one export over a unix socket (and optionally TCP) until closed."""
+Respond = Callable[[int, bytes | memoryview | None], None]
+Submit = Callable[[Request, Respond], None]
 
-    def __init__(self, export_name: str, backend: BlockBackend, *, read_only: bool = False):
-        self.export = Export(name=export_name, size=backend.size, read_only=read_only)
+
+class NbdServer:
+    """Serves one export over a unix socket (and optionally TCP) until closed.
+
+    Requests go to ``backend`` (each carried out in its own task), or, when
+    ``submit`` is given, to it with a ``respond(error, data)`` callback: that is
+    how the HAST primary machine, which answers in its own time, is plugged in.
+    """
+
+    def __init__(
+        self,
+        export_name: str,
+        backend: BlockBackend | None = None,
+        *,
+        size: int | None = None,
+        submit: Submit | None = None,
+        read_only: bool = False,
+    ):
+        if (backend is None) == (submit is None):
+            raise ValueError("give a backend or a submit function")
+        export_size = backend.size if backend is not None else size
+        if export_size is None:
+            raise ValueError("a submit function needs the export size")
+        self.export = Export(name=export_name, size=export_size, read_only=read_only)
         self.backend = backend
+        self.submit = submit
         self.servers: list[asyncio.AbstractServer] = []
         self.connections: set[asyncio.Task[None]] = set()
         self.requests = 0
@@ -209,6 +232,9 @@ class NbdServer:
                     if event.command == NbdCommand.DISC:
                         continue
                     self.requests += 1
+                    if self.submit is not None:
+                        self.submit(event, self._responder(machine, event, writer))
+                        continue
                     request_task = asyncio.ensure_future(self._carry_out(machine, event, writer))
                     in_flight.add(request_task)
                     request_task.add_done_callback(in_flight.discard)
@@ -228,10 +254,22 @@ class NbdServer:
         with contextlib.suppress(ConnectionError):
             await writer.drain()
 
+    def _responder(
+        self, machine: NbdServerConnection, request: Request, writer: asyncio.StreamWriter
+    ) -> Respond:
+        def respond(error: int, data: bytes | memoryview | None) -> None:
+            if error:
+                self.errors += 1
+            if not writer.is_closing():
+                writer.writelines(machine.reply(request, error, data if error == 0 else None))
+
+        return respond
+
     async def _carry_out(
         self, machine: NbdServerConnection, request: Request, writer: asyncio.StreamWriter
     ) -> None:
         backend = self.backend
+        assert backend is not None
         data: bytes | None = None
         error = 0
         try:

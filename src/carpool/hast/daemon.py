@@ -1,0 +1,470 @@
+"""hastd: the asyncio shell around ``hast.primary`` and ``hast.secondary``.
+
+Every resource of hast.conf starts in role init. ``hastctl role primary RES``
+opens the local provider, starts a :class:`~carpool.hast.primary.PrimaryMachine`
+and exports the resource over NBD on ``<run-dir>/hast/RES.sock`` (the
+``/dev/hast/RES`` of FreeBSD); ``role secondary`` starts a
+:class:`~carpool.hast.secondary.SecondaryMachine` that serves the primary
+connecting to this node's ``listen`` address. The machines decide everything;
+this module performs their actions (disk I/O, the link, NBD replies, hooks) and
+feeds the completions back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Gauge
+
+from carpool.control import default_run_dir
+from carpool.errors import CarpoolError, CommandError
+from carpool.events import Event as BusEvent
+from carpool.events import EventBus, setup_logging
+from carpool.hast import actions as act
+from carpool.hast.common import Role
+from carpool.hast.config import HastConfig, ResourceConfig, load_config
+from carpool.hast.link import LinkError, PeerLink, dial
+from carpool.hast.metadata import MetadataError
+from carpool.hast.nbd import Request
+from carpool.hast.nbdserver import NbdServer, Respond
+from carpool.hast.primary import PrimaryMachine
+from carpool.hast.provider import LocalProvider
+from carpool.hast.roles import change_role
+from carpool.hast.secondary import SecondaryMachine
+from carpool.hast.wire import NONCE_SIZE, Hello, Message
+from carpool.service import DaemonShell
+
+log = logging.getLogger("carpool.hastd")
+DAEMON = "hastd"
+DEFAULT_CONFIG = "/etc/hast.conf"
+TICK = 0.1
+
+Machine = PrimaryMachine | SecondaryMachine
+
+
+class Worker:
+    """One resource in role primary or secondary: its provider, machine and link."""
+
+    def __init__(self, daemon: HastDaemon, config: ResourceConfig, provider: LocalProvider):
+        self.daemon = daemon
+        self.config = config
+        self.provider = provider
+        self.machine: Machine | None = None
+        self.link: PeerLink | None = None
+        self.status = "degraded"
+        self.nbd: NbdServer | None = None
+        self.pending: dict[int, Respond] = {}
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.metadata_queue: asyncio.Queue[act.WriteMetadata | act.WriteActivemap] = asyncio.Queue()
+        self.next_cookie = 1
+
+    def spawn(self, coroutine: Any) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    # -- performing the machine's actions ---------------------------------------------------
+
+    def perform(self, actions: list[act.Action]) -> None:
+        machine = self.machine
+        if machine is None:
+            return
+        data = self.provider.data
+        for action in actions:
+            if isinstance(action, act.LocalWrite):
+                self.spawn(self._local(action.id, data.write(action.offset, memoryview(action.data),
+                                                             action.fua)))  # fmt: skip
+            elif isinstance(action, act.LocalTrim):
+                self.spawn(self._local(action.id, data.trim(action.offset, action.length,
+                                                            action.fua)))  # fmt: skip
+            elif isinstance(action, act.LocalWriteZeroes):
+                self.spawn(self._local(action.id, data.write_zeroes(
+                    action.offset, action.length, action.fua, False)))  # fmt: skip
+            elif isinstance(action, act.LocalFlush):
+                self.spawn(self._flush(action.id))
+            elif isinstance(action, act.LocalRead):
+                self.spawn(self._read(action.id, action.offset, action.length))
+            elif isinstance(action, act.WriteMetadata | act.WriteActivemap):
+                self.metadata_queue.put_nowait(action)
+            elif isinstance(action, act.SendToPeer):
+                if self.link is not None:
+                    self.link.send(action.message)
+                    self.spawn(self._drain())
+            elif isinstance(action, act.ClosePeer):
+                self._close_link(action.reason)
+            elif isinstance(action, act.ConnectPeer):
+                self.spawn(self._connect())
+            elif isinstance(action, act.ReplyToClient):
+                respond = self.pending.pop(action.cookie, None)
+                if respond is not None:
+                    respond(action.error, action.data if action.data is None else
+                            memoryview(action.data))  # fmt: skip
+            elif isinstance(action, act.Event):
+                self.daemon.hook(self.config, action.name, dict(action.attrs))
+            elif isinstance(action, act.StatusChanged):
+                self.status = action.status
+                self.daemon.status_gauge.labels(self.config.name).set(
+                    1 if action.status == "complete" else 0
+                )
+
+    async def _local(self, id: int, operation: Any) -> None:
+        try:
+            await operation
+            ok = True
+        except CarpoolError as error:
+            log.error("%s: local write failed: %s", self.config.name, error)
+            ok = False
+        if self.machine is not None:
+            self.perform(self.machine.local_write_done(id, ok, time.monotonic()))
+
+    async def _flush(self, id: int) -> None:
+        try:
+            await self.provider.data.flush()
+            ok = True
+        except CarpoolError as error:
+            log.error("%s: local flush failed: %s", self.config.name, error)
+            ok = False
+        if self.machine is not None:
+            self.perform(self.machine.local_flush_done(id, ok, time.monotonic()))
+
+    async def _read(self, id: int, offset: int, length: int) -> None:
+        try:
+            data: bytes | None = await self.provider.data.read(offset, length)
+        except CarpoolError as error:
+            log.error("%s: local read failed: %s", self.config.name, error)
+            data = None
+        if self.machine is not None:
+            self.perform(self.machine.local_read_done(id, data, time.monotonic()))
+
+    async def write_metadata_in_order(self) -> None:
+        """Metadata and activemap writes, one after the other, as the machines require."""
+        loop = asyncio.get_running_loop()
+        while True:
+            action = await self.metadata_queue.get()
+            try:
+                if isinstance(action, act.WriteMetadata):
+                    await loop.run_in_executor(None, self._store_slot, action)
+                else:
+                    await loop.run_in_executor(None, self.provider.store_activemap, action.bitmap)
+                ok = True
+            except OSError as error:
+                log.error("%s: metadata write failed: %s", self.config.name, error)
+                ok = False
+            if self.machine is not None:
+                self.perform(self.machine.metadata_written(action.token, ok, time.monotonic()))
+
+    def _store_slot(self, action: act.WriteMetadata) -> None:
+        from carpool.hast.metadata import write_at
+
+        write_at(self.provider.fd, action.offset, action.data)
+        self.provider.metadata = action.metadata
+
+    async def _drain(self) -> None:
+        link = self.link
+        if link is not None:
+            with contextlib.suppress(LinkError):
+                await link.drain()
+
+    # -- the link -------------------------------------------------------------------------
+
+    async def _connect(self) -> None:
+        remote = self.config.remote
+        if remote is None or not remote.host or self.link is not None:
+            return
+        source = self.config.source.host if self.config.source and self.config.source.host else None
+        try:
+            link = await dial(
+                remote.host, remote.port or 8457, timeout=float(self.config.timeout),
+                checksum=self.config.checksum, compression=self.config.compression,
+                source=source,
+            )  # fmt: skip
+        except LinkError as error:
+            log.debug("%s: %s", self.config.name, error)
+            return
+        if self.machine is None or self.link is not None:
+            await link.close()
+            return
+        self.attach(link)
+        self.perform(self.machine.peer_connected(time.monotonic(), os.urandom(NONCE_SIZE)))
+
+    def attach(self, link: PeerLink, first: Message | None = None) -> None:
+        self.link = link
+        self.spawn(self._receive(link, first))
+
+    async def _receive(self, link: PeerLink, first: Message | None) -> None:
+        try:
+            if first is not None and self.machine is not None:
+                self.perform(self.machine.peer_message(time.monotonic(), first))
+            while self.link is link and self.machine is not None:
+                message = await link.next_message()
+                self.perform(self.machine.peer_message(time.monotonic(), message))
+        except LinkError as error:
+            if self.link is link and self.machine is not None:
+                self.link = None
+                await link.close()
+                self.perform(self.machine.peer_disconnected(time.monotonic(), str(error)))
+
+    def _close_link(self, reason: str) -> None:
+        link, self.link = self.link, None
+        if link is not None:
+            log.info("%s: closing the link: %s", self.config.name, reason)
+            self.spawn(link.close())
+
+    # -- NBD ------------------------------------------------------------------------------
+
+    def submit(self, request: Request, respond: Respond) -> None:
+        machine = self.machine
+        if not isinstance(machine, PrimaryMachine):
+            respond(5, None)  # EIO: no longer primary
+            return
+        cookie = self.next_cookie
+        self.next_cookie += 1
+        self.pending[cookie] = respond
+        unique = Request(cookie, request.command, request.flags, request.offset,
+                         request.length, request.data)  # fmt: skip
+        self.perform(machine.request(time.monotonic(), unique))
+
+    async def ticker(self) -> None:
+        while self.machine is not None:
+            self.perform(self.machine.tick(time.monotonic()))
+            await asyncio.sleep(TICK)
+
+    async def stop(self) -> None:
+        self._close_link("role change")
+        if self.nbd is not None:
+            await self.nbd.close()
+        self.machine = None
+        for task in list(self.tasks):
+            task.cancel()
+        for respond in self.pending.values():
+            respond(5, None)
+        self.pending.clear()
+        self.provider.close()
+
+
+class HastDaemon:
+    def __init__(self, config: HastConfig, config_path: str, run_dir: Path, metrics: str | None):
+        self.config = config
+        self.config_path = config_path
+        self.run_dir = run_dir
+        self.metrics_address = metrics
+        self.registry = CollectorRegistry()
+        self.bus = EventBus(registry=self.registry)
+        self.roles: dict[str, Role] = {r.name: Role.INIT for r in config.resources}
+        self.workers: dict[str, Worker] = {}
+        self.listeners: list[asyncio.AbstractServer] = []
+        self.hooks: set[asyncio.Task[None]] = set()
+        self.status_gauge = Gauge(
+            "carpool_hast_complete", "1 while the resource is replicated (complete)",
+            ["resource"], registry=self.registry,
+        )  # fmt: skip
+
+    @property
+    def device_dir(self) -> Path:
+        return self.run_dir / "hast"
+
+    def hook(self, config: ResourceConfig, name: str, attributes: dict[str, Any]) -> None:
+        """An event: published on the control channel, and ``exec EVENT RESOURCE`` run."""
+        extra = {k: v for k, v in attributes.items() if isinstance(v, str | int)}
+        event = BusEvent.now(
+            DAEMON, name, system="HAST", subsystem=config.name, type=name,
+            resource=config.name, **extra,
+        )  # fmt: skip
+        self.bus.publish(event)
+        if config.exec:
+            task = asyncio.ensure_future(self._run_hook(config.exec, name, config.name))
+            self.hooks.add(task)
+            task.add_done_callback(self.hooks.discard)
+
+    async def _run_hook(self, program: str, event: str, resource: str) -> None:
+        try:
+            process = await asyncio.create_subprocess_exec(program, event, resource)
+            await asyncio.wait_for(process.wait(), 60)
+        except (OSError, TimeoutError) as error:
+            log.warning("hook %s %s %s failed: %s", program, event, resource, error)
+
+    # -- roles ------------------------------------------------------------------------------
+
+    async def set_role(self, name: str, role: str) -> dict[str, Any]:
+        config = self.config.resource(name)
+        current = self.roles[name]
+        try:
+            provider = LocalProvider.open(config.local, name)
+        except (MetadataError, CarpoolError) as error:
+            if role != "init":
+                raise CommandError(str(error)) from None
+            provider = None
+        metadata = provider.metadata if provider is not None else None
+        change = change_role(name, current, role, metadata, new_resuid=lambda: secrets.randbits(64))
+        if provider is not None and not change.changed:
+            provider.close()
+            return self.describe(name)
+        worker = self.workers.pop(name, None)
+        if worker is not None:
+            await worker.stop()
+        if change.metadata is not None and provider is not None:
+            provider.store_metadata(change.metadata)
+        self.roles[name] = change.new
+        if change.new is Role.INIT:
+            if provider is not None:
+                provider.close()
+        else:
+            assert provider is not None
+            await self._start_worker(config, provider, change.new, change.virgin)
+        self.hook(config, "role", {"old": change.old.value, "new": change.new.value})
+        return self.describe(name)
+
+    async def _start_worker(
+        self, config: ResourceConfig, provider: LocalProvider, role: Role, virgin: bool
+    ) -> None:
+        worker = Worker(self, config, provider)
+        now = time.monotonic()
+        bitmap = provider.read_activemap()
+        if role is Role.PRIMARY:
+            machine: Machine = PrimaryMachine(
+                config.name, provider.metadata, bitmap, now=now,
+                replication=config.replication, timeout=float(config.timeout),
+                virgin=virgin, key=config.key, mapsize=provider.mapsize,
+            )  # fmt: skip
+        else:
+            machine = SecondaryMachine(config.name, provider.metadata, bitmap, now=now,
+                                       key=config.key, timeout=float(config.timeout))  # fmt: skip
+        worker.machine = machine
+        self.workers[config.name] = worker
+        worker.spawn(worker.write_metadata_in_order())
+        worker.spawn(worker.ticker())
+        if isinstance(machine, PrimaryMachine):
+            self.device_dir.mkdir(parents=True, exist_ok=True)
+            worker.nbd = NbdServer(config.provname, size=provider.metadata.datasize,
+                                   submit=worker.submit)  # fmt: skip
+            await worker.nbd.listen_unix(self.device_dir / f"{config.provname}.sock")
+            worker.perform(machine.start(now))
+
+    async def accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A primary connects: its HELLO says which resource it wants."""
+        link = PeerLink(reader, writer, timeout=None)
+        try:
+            first = await asyncio.wait_for(link.next_message(), 20)
+        except (LinkError, TimeoutError):
+            await link.close()
+            return
+        worker = self.workers.get(first.resource) if isinstance(first, Hello) else None
+        if worker is None or not isinstance(worker.machine, SecondaryMachine):
+            log.info("refused a connection from %s: not secondary for it", link.peer)
+            await link.close()
+            return
+        link.checksum, link.compression = worker.config.checksum, worker.config.compression
+        worker._close_link("a new connection from the primary")
+        worker.attach(link)
+        worker.perform(worker.machine.peer_connected(time.monotonic(), os.urandom(NONCE_SIZE)))
+        worker.perform(worker.machine.peer_message(time.monotonic(), first))
+
+    # -- control ----------------------------------------------------------------------------
+
+    def describe(self, name: str) -> dict[str, Any]:
+        config = self.config.resource(name)
+        worker = self.workers.get(name)
+        machine = worker.machine if worker else None
+        entry: dict[str, Any] = {
+            "name": name,
+            "role": self.roles[name].value,
+            "provname": config.provname,
+            "localpath": config.local,
+            "remoteaddr": config.remote.text if config.remote else "none",
+            "replication": config.replication.value,
+            "status": "-",
+            "dirty": 0,
+        }
+        if worker is not None and machine is not None:
+            entry["status"] = worker.status if isinstance(machine, PrimaryMachine) else (
+                "complete" if worker.link is not None else "degraded")  # fmt: skip
+            if isinstance(machine, PrimaryMachine):
+                entry["dirty"] = machine.dirty_bytes
+                entry["sync_bytes_sent"] = machine.sync_bytes_sent
+                entry["device"] = str(self.device_dir / f"{config.provname}.sock")
+            md = machine.metadata
+            entry.update(resuid=md.resuid, localcnt=md.localcnt, remotecnt=md.remotecnt,
+                         datasize=md.datasize, extentsize=md.extentsize,
+                         keepdirty=md.keepdirty)  # fmt: skip
+        return entry
+
+    def cmd_status(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+        names = args.get("resources") or list(self.roles)
+        return [self.describe(str(name)) for name in names]
+
+    async def cmd_role(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+        role = str(args.get("role", ""))
+        names = args.get("resources") or []
+        if names == ["all"]:
+            names = list(self.roles)
+        return [await self.set_role(str(name), role) for name in names]
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        handlers: dict[str, Callable[[dict[str, Any]], Any]] = {
+            "status": self.cmd_status,
+            "role": self.cmd_role,
+        }
+        async with DaemonShell(
+            DAEMON, self.run_dir, handlers, self.bus, self.registry, self.metrics_address
+        ) as shell:
+            for address in self.config.listen:
+                if not address.host:
+                    continue
+                try:
+                    server: asyncio.AbstractServer = await asyncio.start_server(
+                        self.accept, address.host, address.port
+                    )
+                except OSError as error:
+                    log.warning("cannot listen on %s: %s", address.text, error.strerror)
+                    continue
+                self.listeners.append(server)
+            if not self.listeners:
+                raise CarpoolError("hastd could listen on none of its listen addresses")
+            log.info("hastd started: resources %s", ", ".join(self.roles))
+            try:
+                await shell.stopping.wait()
+            finally:
+                for server in self.listeners:
+                    server.close()
+                for worker in list(self.workers.values()):
+                    await worker.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hastd", description="HAST: replicated block devices.")
+    parser.add_argument("-c", dest="config", default=DEFAULT_CONFIG)
+    parser.add_argument("-d", dest="debug", action="store_true")
+    parser.add_argument("-F", dest="foreground", action="store_true", help="(always foreground)")
+    parser.add_argument("-P", dest="pidfile", help="(the pidfile is in --run-dir)")
+    parser.add_argument("--node", help="this node's name in hast.conf (default: the hostname)")
+    parser.add_argument("--run-dir", type=Path, default=default_run_dir())
+    parser.add_argument("--metrics", metavar="ADDR")
+    arguments = parser.parse_args(argv)
+    setup_logging(logging.DEBUG if arguments.debug else logging.INFO)
+    node = arguments.node or os.environ.get("CARPOOL_NODE")
+    try:
+        config = load_config(arguments.config, node=node)
+        daemon = HastDaemon(config, arguments.config, arguments.run_dir, arguments.metrics)
+        asyncio.run(daemon.run())
+    except CarpoolError as error:
+        print(f"hastd: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
