@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -21,6 +22,7 @@ from types import TracebackType
 from prometheus_client import CollectorRegistry
 
 from carpool.control import ControlServer, Handler, socket_path, write_pidfile
+from carpool.errors import CarpoolError
 from carpool.events import EventBus
 from carpool.metrics import MetricsServer, start_metrics_server
 
@@ -73,3 +75,15 @@ class DaemonShell:
             self.metrics.close()
         with contextlib.suppress(OSError):
             self.pidfile.unlink()
+
+
+def run_command(program: str, body: Callable[[], int]) -> int:
+    """Run a command's ``body``: a CarpoolError becomes one line on stderr and exit status 1
+    (no traceback for a wrong file or a refused command); Ctrl-C ends it quietly."""
+    try:
+        return body()
+    except CarpoolError as error:
+        print(f"{program}: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0

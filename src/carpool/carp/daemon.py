@@ -45,7 +45,7 @@ from carpool.errors import CarpoolError, CommandError, ProtocolError
 from carpool.events import Event, EventBus, setup_logging
 from carpool.net import announce
 from carpool.net.netlink import LinkState, Netlink, set_interface_sysctl, watch_links
-from carpool.service import DaemonShell
+from carpool.service import DaemonShell, run_command
 
 log = logging.getLogger("carpool.carpd")
 
@@ -673,7 +673,8 @@ def main(argv: list[str] | None = None) -> int:
     arguments = parse_arguments(argv)
     setup_logging(logging.DEBUG if arguments.debug else logging.INFO)
     logging.getLogger("pyroute2").setLevel(logging.WARNING)
-    try:
+
+    def body() -> int:
         if arguments.check:
             config = load_config(arguments.config)
             print(f"{arguments.config}: configuration OK ({len(config.vhids)} vhids)")
@@ -681,12 +682,9 @@ def main(argv: list[str] | None = None) -> int:
         daemon = CarpDaemon(arguments.config, arguments.run_dir, arguments.metrics)
         # The stdlib loop, not uvloop: uvloop cannot carry pyroute2's netlink endpoints.
         asyncio.run(daemon.run())
-    except CarpoolError as error:
-        print(f"carpd: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
         return 0
-    return 0
+
+    return run_command("carpd", body)
 
 
 if __name__ == "__main__":

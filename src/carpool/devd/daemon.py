@@ -32,7 +32,7 @@ from carpool.devd.sources import (
 )
 from carpool.errors import CarpoolError
 from carpool.events import Event, EventBus, setup_logging
-from carpool.service import DaemonShell
+from carpool.service import DaemonShell, run_command
 
 log = logging.getLogger("carpool.devd")
 DAEMON = "devd"
@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(logging.DEBUG if arguments.debug else logging.INFO)
     logging.getLogger("pyroute2").setLevel(logging.WARNING)
     paths = arguments.files or default_paths()
-    try:
+
+    def body() -> int:
         if not paths:
             raise CarpoolError("no rules: give -f FILE (devd.conf) or create /etc/devd/*.conf")
         if arguments.check:
@@ -159,12 +160,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         daemon = DevdDaemon(paths, arguments.run_dir, arguments.metrics, arguments.timeout)
         asyncio.run(daemon.run())
-    except CarpoolError as error:
-        print(f"devd: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
         return 0
-    return 0
+
+    return run_command("devd", body)
 
 
 if __name__ == "__main__":

@@ -32,10 +32,9 @@ from carpool.devd.ifstated_machine import (
 )
 from carpool.devd.ifstatedconf import IfstatedConfig, load_ifstated_config
 from carpool.devd.sources import follow_daemon, follow_links
-from carpool.errors import CarpoolError
 from carpool.events import Event, EventBus, setup_logging
 from carpool.net.netlink import Netlink
-from carpool.service import DaemonShell
+from carpool.service import DaemonShell, run_command
 
 log = logging.getLogger("carpool.ifstated")
 DAEMON = "ifstated"
@@ -180,19 +179,17 @@ def main(argv: list[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
     setup_logging(logging.DEBUG if arguments.debug else logging.INFO)
     logging.getLogger("pyroute2").setLevel(logging.WARNING)
-    try:
+
+    def body() -> int:
         config = load_ifstated_config(arguments.file)
         if arguments.check:
             print(f"{arguments.file}: configuration OK ({len(config.states)} states)")
             return 0
         daemon = IfstatedDaemon(config, arguments.run_dir, arguments.metrics, arguments.timeout)
         asyncio.run(daemon.run())
-    except CarpoolError as error:
-        print(f"ifstated: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
         return 0
-    return 0
+
+    return run_command("ifstated", body)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from carpool.hast.provider import LocalProvider
 from carpool.hast.roles import change_role
 from carpool.hast.secondary import SecondaryMachine
 from carpool.hast.wire import NONCE_SIZE, Hello, Message
-from carpool.service import DaemonShell
+from carpool.service import DaemonShell, run_command
 
 log = logging.getLogger("carpool.hastd")
 DAEMON = "hastd"
@@ -454,16 +454,14 @@ def main(argv: list[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
     setup_logging(logging.DEBUG if arguments.debug else logging.INFO)
     node = arguments.node or os.environ.get("CARPOOL_NODE")
-    try:
+
+    def body() -> int:
         config = load_config(arguments.config, node=node)
         daemon = HastDaemon(config, arguments.config, arguments.run_dir, arguments.metrics)
         asyncio.run(daemon.run())
-    except CarpoolError as error:
-        print(f"hastd: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
         return 0
-    return 0
+
+    return run_command("hastd", body)
 
 
 if __name__ == "__main__":

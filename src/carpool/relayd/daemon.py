@@ -41,7 +41,7 @@ from carpool.relayd.relayctl_format import (
     SessionStats,
     TableStatus,
 )
-from carpool.service import DaemonShell
+from carpool.service import DaemonShell, run_command
 
 log = logging.getLogger("carpool.relayd")
 DAEMON = "relayd"
@@ -284,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics", metavar="ADDR")
     arguments = parser.parse_args(argv)
     setup_logging(logging.DEBUG if arguments.debug else logging.INFO)
-    try:
+
+    def body() -> int:
         macros = {}
         for item in arguments.macros:
             name, separator, value = item.partition("=")
@@ -299,12 +300,9 @@ def main(argv: list[str] | None = None) -> int:
         if missing is not None:
             raise CarpoolError(f"{arguments.file}: {missing}")
         asyncio.run(RelaydDaemon(config, arguments.run_dir, arguments.metrics).run())
-    except CarpoolError as error:
-        print(f"relayd: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
         return 0
-    return 0
+
+    return run_command("relayd", body)
 
 
 if __name__ == "__main__":
