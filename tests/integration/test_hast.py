@@ -151,3 +151,41 @@ def test_failover_the_secondary_becomes_primary_with_the_data() -> None:
         assert out.strip() == "True"
         assert status(node2)["role"] == "primary"
         subprocess.run(["true"], check=True)
+
+
+HOOK = '#!/bin/sh\necho "$@" >> "$(dirname "$0")/hook.log"\n'
+
+
+@requires_tool("nbdsh")
+def test_split_brain_is_detected_reported_and_overwrites_nothing() -> None:
+    with Lab() as lab:
+        node1, node2 = pair(lab, "fullsync")
+        for node in (node1, node2):
+            hook = write_file(node, "hast-hook", HOOK)
+            hook.chmod(0o755)
+            conf = node.dir / "hast.conf"
+            text = conf.read_text()
+            conf.write_text(
+                text.replace("replication fullsync", f"replication fullsync\n\texec {hook}")
+            )
+        start_hastd(node1)
+        start_hastd(node2)
+        hastctl(node2, "role", "secondary", "shared_storage")
+        hastctl(node1, "role", "primary", "shared_storage")
+        wait_until(lambda: status(node1).get("status") == "complete", 20, "complete")
+        lab.partition([node1], [node2], network="sync")
+        wait_until(lambda: status(node1).get("status") == "degraded", 60, "node1 degraded")
+        hastctl(node2, "role", "primary", "shared_storage")  # the operator's mistake
+        nbdsh(node1, f"h.pwrite(b'1' * 4096, {4 * MIB}); h.flush()")
+        nbdsh(node2, f"h.pwrite(b'2' * 4096, {4 * MIB}); h.flush()")
+        one, two = data_area(node1.dir / "hast0.img"), data_area(node2.dir / "hast0.img")
+        hastctl(node2, "role", "secondary", "shared_storage")
+        lab.heal()
+        wait_until(lambda: "split-brain" in (node2.dir / "hook.log").read_text(), 60,
+                   "the split-brain hook on the secondary")  # fmt: skip
+        assert status(node1)["status"] == "degraded"
+        assert data_area(node1.dir / "hast0.img") == one
+        assert data_area(node2.dir / "hast0.img") == two
+        assert one[4 * MIB : 4 * MIB + 4096] == b"1" * 4096
+        assert two[4 * MIB : 4 * MIB + 4096] == b"2" * 4096
+        assert "role shared_storage init primary" in (node1.dir / "hook.log").read_text()

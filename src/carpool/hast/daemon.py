@@ -273,8 +273,15 @@ class HastDaemon:
     def device_dir(self) -> Path:
         return self.run_dir / "hast"
 
-    def hook(self, config: ResourceConfig, name: str, attributes: dict[str, Any]) -> None:
-        """An event: published on the control channel, and ``exec EVENT RESOURCE`` run."""
+    def hook(
+        self,
+        config: ResourceConfig,
+        name: str,
+        attributes: dict[str, Any],
+        arguments: tuple[str, ...] = (),
+    ) -> None:
+        """An event: published on the control channel, and ``exec EVENT RESOURCE [ARGS]`` run
+        as hastd runs it (``role`` gets the old and the new role)."""
         extra = {k: v for k, v in attributes.items() if isinstance(v, str | int)}
         event = BusEvent.now(
             DAEMON, name, system="HAST", subsystem=config.name, type=name,
@@ -282,13 +289,13 @@ class HastDaemon:
         )  # fmt: skip
         self.bus.publish(event)
         if config.exec:
-            task = asyncio.ensure_future(self._run_hook(config.exec, name, config.name))
+            task = asyncio.ensure_future(self._run_hook(config.exec, name, config.name, *arguments))
             self.hooks.add(task)
             task.add_done_callback(self.hooks.discard)
 
-    async def _run_hook(self, program: str, event: str, resource: str) -> None:
+    async def _run_hook(self, program: str, event: str, resource: str, *extra: str) -> None:
         try:
-            process = await asyncio.create_subprocess_exec(program, event, resource)
+            process = await asyncio.create_subprocess_exec(program, event, resource, *extra)
             await asyncio.wait_for(process.wait(), 60)
         except (OSError, TimeoutError) as error:
             log.warning("hook %s %s %s failed: %s", program, event, resource, error)
@@ -321,7 +328,10 @@ class HastDaemon:
         else:
             assert provider is not None
             await self._start_worker(config, provider, change.new, change.virgin)
-        self.hook(config, "role", {"old": change.old.value, "new": change.new.value})
+        self.hook(
+            config, "role", {"old": change.old.value, "new": change.new.value},
+            (change.old.value, change.new.value),
+        )  # fmt: skip
         return self.describe(name)
 
     async def _start_worker(
