@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 from carpool.lab import Lab, Node
+from carpool.lab.registry import namespace_pids
 from carpool.lab.services import (
     BIN,
     carpctl,
@@ -55,6 +55,18 @@ esac
 # Stand-ins for the commands the script runs, which record how they were called.
 # (hastctl replaces these once HAST has landed.)
 STAND_IN = '#!/bin/sh\necho "$(basename "$0") $*" >> "{log}"\n'
+
+
+def commands_in(node: Node) -> list[list[str]]:
+    """The command lines of the processes running in the node's namespace."""
+    commands = []
+    for pid in namespace_pids(node.netns):
+        try:
+            raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        commands.append(raw.decode(errors="replace").rstrip("\0").split("\0"))
+    return commands
 
 
 def prepare_switch(node: Node) -> tuple[Path, Path, Path]:
@@ -173,5 +185,4 @@ def test_hanging_action_is_killed_and_a_carpd_restart_is_survived() -> None:
         wait_carp_state(node, "MASTER")
         wait_until(lambda: log.read_text().splitlines() == ["MASTER 1@em0"] * 2, 20)
         wait_until(lambda: daemon_status(node, "devd")["actions_timed_out"] == 2)
-        assert "sleep 30" not in subprocess.run(["ps", "-eo", "args"], capture_output=True,
-                                                 text=True).stdout  # fmt: skip
+        assert ["sleep", "30"] not in commands_in(node), "the timed-out action was not killed"
