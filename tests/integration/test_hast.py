@@ -189,3 +189,19 @@ def test_split_brain_is_detected_reported_and_overwrites_nothing() -> None:
         assert one[4 * MIB : 4 * MIB + 4096] == b"1" * 4096
         assert two[4 * MIB : 4 * MIB + 4096] == b"2" * 4096
         assert "role shared_storage init primary" in (node1.dir / "hook.log").read_text()
+
+
+@requires_tool("nbdsh")
+def test_a_failing_local_read_is_served_from_the_peer() -> None:
+    with Lab() as lab:
+        node1, node2 = pair(lab, "fullsync")
+        start_hastd(node1)
+        start_hastd(node2)
+        hastctl(node2, "role", "secondary", "shared_storage")
+        hastctl(node1, "role", "primary", "shared_storage")
+        wait_until(lambda: status(node1).get("status") == "complete", 20, "complete")
+        nbdsh(node1, f"h.pwrite(b'peer' * 1024, {60 * MIB}); h.flush()")
+        # The end of the local disk goes away under the primary: reads there fail locally.
+        os.truncate(node1.dir / "hast0.img", 40 * MIB)
+        out = nbdsh(node1, f"print(h.pread(4096, {60 * MIB}) == b'peer' * 1024)")
+        assert out.strip() == "True"
