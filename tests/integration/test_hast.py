@@ -49,6 +49,15 @@ def start_hastd(node: Node) -> LabProcess:
     return process
 
 
+def replicate(primary: Node, secondary: Node) -> tuple[LabProcess, LabProcess]:
+    """hastd on both nodes, the roles of the guide, until the resource is complete."""
+    daemons = start_hastd(primary), start_hastd(secondary)
+    hastctl(secondary, "role", "secondary", "shared_storage")
+    hastctl(primary, "role", "primary", "shared_storage")
+    wait_until(lambda: status(primary).get("status") == "complete", 20, "complete")
+    return daemons
+
+
 def status(node: Node) -> dict[str, Any]:
     result = hastctl(node, "status", check=False)
     if result.returncode != 0:
@@ -90,11 +99,7 @@ def pair(lab: Lab, replication: str) -> tuple[Node, Node]:
 def test_primary_writes_land_on_both_disks_and_status_reads_like_freebsd() -> None:
     with Lab() as lab:
         node1, node2 = pair(lab, "fullsync")
-        start_hastd(node1)
-        start_hastd(node2)
-        hastctl(node2, "role", "secondary", "shared_storage")
-        hastctl(node1, "role", "primary", "shared_storage")
-        wait_until(lambda: status(node1).get("status") == "complete", 20, "complete")
+        replicate(node1, node2)
         text = node1.run([sys.executable, "-m", "carpool.hast.ctl", "-c",
                           str(node1.dir / "hast.conf"), "--run-dir", str(node1.dir),
                           "status"]).stdout  # fmt: skip
@@ -114,11 +119,7 @@ def test_primary_writes_land_on_both_disks_and_status_reads_like_freebsd() -> No
 def test_secondary_away_then_back_resyncs_only_the_dirty_extents() -> None:
     with Lab() as lab:
         node1, node2 = pair(lab, "memsync")
-        start_hastd(node1)
-        secondary = start_hastd(node2)
-        hastctl(node2, "role", "secondary", "shared_storage")
-        hastctl(node1, "role", "primary", "shared_storage")
-        wait_until(lambda: status(node1).get("status") == "complete", 20, "complete")
+        _, secondary = replicate(node1, node2)
         secondary.kill()
         node2.processes.remove(secondary)
         wait_until(lambda: status(node1).get("status") == "degraded", 40, "degraded")
@@ -139,11 +140,7 @@ def test_secondary_away_then_back_resyncs_only_the_dirty_extents() -> None:
 def test_failover_the_secondary_becomes_primary_with_the_data() -> None:
     with Lab() as lab:
         node1, node2 = pair(lab, "fullsync")
-        start_hastd(node1)
-        start_hastd(node2)
-        hastctl(node2, "role", "secondary", "shared_storage")
-        hastctl(node1, "role", "primary", "shared_storage")
-        wait_until(lambda: status(node1).get("status") == "complete", 20, "complete")
+        replicate(node1, node2)
         nbdsh(node1, f"h.pwrite(b'seed' * 1024, {2 * MIB}, nbd.CMD_FLAG_FUA)")
         lab.crash(node1)
         hastctl(node2, "role", "primary", "shared_storage")
@@ -168,11 +165,7 @@ def test_split_brain_is_detected_reported_and_overwrites_nothing() -> None:
             conf.write_text(
                 text.replace("replication fullsync", f"replication fullsync\n\texec {hook}")
             )
-        start_hastd(node1)
-        start_hastd(node2)
-        hastctl(node2, "role", "secondary", "shared_storage")
-        hastctl(node1, "role", "primary", "shared_storage")
-        wait_until(lambda: status(node1).get("status") == "complete", 20, "complete")
+        replicate(node1, node2)
         lab.partition([node1], [node2], network="sync")
         wait_until(lambda: status(node1).get("status") == "degraded", 60, "node1 degraded")
         hastctl(node2, "role", "primary", "shared_storage")  # the operator's mistake
@@ -195,11 +188,7 @@ def test_split_brain_is_detected_reported_and_overwrites_nothing() -> None:
 def test_a_failing_local_read_is_served_from_the_peer() -> None:
     with Lab() as lab:
         node1, node2 = pair(lab, "fullsync")
-        start_hastd(node1)
-        start_hastd(node2)
-        hastctl(node2, "role", "secondary", "shared_storage")
-        hastctl(node1, "role", "primary", "shared_storage")
-        wait_until(lambda: status(node1).get("status") == "complete", 20, "complete")
+        replicate(node1, node2)
         nbdsh(node1, f"h.pwrite(b'peer' * 1024, {60 * MIB}); h.flush()")
         # The end of the local disk goes away under the primary: reads there fail locally.
         os.truncate(node1.dir / "hast0.img", 40 * MIB)

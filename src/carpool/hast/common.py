@@ -66,3 +66,8 @@ class Role(enum.Enum):
     INIT = "init"
     PRIMARY = "primary"
     SECONDARY = "secondary"
+
+
+def ranges_overlap(offset: int, length: int, other_offset: int, other_length: int) -> bool:
+    """Whether [offset, offset+length) and [other_offset, other_offset+other_length) meet."""
+    return offset < other_offset + other_length and other_offset < offset + length

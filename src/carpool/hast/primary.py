@@ -81,7 +81,7 @@ from carpool.hast.actions import (
     WriteMetadata,
 )
 from carpool.hast.activemap import ActiveMap
-from carpool.hast.common import DEFAULT_TIMEOUT, Replication
+from carpool.hast.common import DEFAULT_TIMEOUT, Replication, ranges_overlap
 from carpool.hast.metadata import (
     Metadata,
     NodeCounters,
@@ -160,9 +160,7 @@ class _Op:
         return self.kind in ("write", "trim", "zeroes", "sync")
 
     def overlaps(self, other: _Op) -> bool:
-        return (
-            self.offset < other.offset + other.length and other.offset < self.offset + self.length
-        )
+        return ranges_overlap(self.offset, self.length, other.offset, other.length)
 
 
 class PrimaryMachine:

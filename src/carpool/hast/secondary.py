@@ -64,7 +64,7 @@ from carpool.hast.actions import (
     WriteActivemap,
     WriteMetadata,
 )
-from carpool.hast.common import DEFAULT_TIMEOUT, Checksum
+from carpool.hast.common import DEFAULT_TIMEOUT, Checksum, ranges_overlap
 from carpool.hast.metadata import Metadata, NodeCounters, SyncDirection, decide_sync, update_block
 
 __all__ = ["SecondaryMachine", "SecondaryState"]
@@ -101,9 +101,7 @@ class _SOp:
         return self.kind in ("write", "trim", "zeroes")
 
     def overlaps(self, other: _SOp) -> bool:
-        return (
-            self.offset < other.offset + other.length and other.offset < self.offset + self.length
-        )
+        return ranges_overlap(self.offset, self.length, other.offset, other.length)
 
 
 class SecondaryMachine:
