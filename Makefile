@@ -17,7 +17,10 @@ $(STAMPS)/apt: deps/apt.txt
 	if [ -n "$$missing" ]; then \
 	    echo "setup: installing Debian packages:" $$missing; \
 	    [ -f $(STAMPS)/apt-updated ] || { apt-get update -qq && touch $(STAMPS)/apt-updated; }; \
+	    guard=; if [ ! -e /usr/sbin/policy-rc.d ]; then \
+	        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && guard=1; fi; \
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	    status=$$?; [ -z "$$guard" ] || rm -f /usr/sbin/policy-rc.d; [ $$status -eq 0 ] || exit $$status; \
 	fi
 	@bash deps/after-apt.sh
 	@touch $@
