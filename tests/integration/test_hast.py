@@ -41,17 +41,19 @@ def hastctl(node: Node, *words: str, check: bool = True) -> Any:
     return json.loads(result.stdout) if result.stdout.strip() else None
 
 
-def start_hastd(node: Node) -> LabProcess:
+def start_hastd(node: Node, *extra: str) -> LabProcess:
     argv = [sys.executable, "-m", "carpool.hast.daemon", "-c", str(node.dir / "hast.conf"),
-            "--run-dir", str(node.dir)]  # fmt: skip
+            "--run-dir", str(node.dir), *extra]  # fmt: skip
     process = node.spawn(argv, name="hastd")
     wait_until(lambda: daemon_status(node, "hastd") is not None, 15, "hastd to answer")
     return process
 
 
-def replicate(primary: Node, secondary: Node) -> tuple[LabProcess, LabProcess]:
+def replicate(
+    primary: Node, secondary: Node, *primary_flags: str
+) -> tuple[LabProcess, LabProcess]:
     """hastd on both nodes, the roles of the guide, until the resource is complete."""
-    daemons = start_hastd(primary), start_hastd(secondary)
+    daemons = start_hastd(primary, *primary_flags), start_hastd(secondary)
     hastctl(secondary, "role", "secondary", "shared_storage")
     hastctl(primary, "role", "primary", "shared_storage")
     wait_until(lambda: status(primary).get("status") == "complete", 20, "complete")
@@ -77,11 +79,11 @@ def data_area(path: Path) -> bytes:
     return raw[md.localoff : md.localoff + md.datasize]
 
 
-def pair(lab: Lab, replication: str) -> tuple[Node, Node]:
+def pair(lab: Lab, replication: str, *, mount_namespace: bool = False) -> tuple[Node, Node]:
     lab.network("sync")
     nodes = []
     for name in ("node1", "node2"):
-        node = lab.node(name)
+        node = lab.node(name, mount_namespace=mount_namespace)
         lab.attach(node, "sync", ifname="em1")
         nodes.append(node)
     node1, node2 = nodes
@@ -194,3 +196,36 @@ def test_a_failing_local_read_is_served_from_the_peer() -> None:
         os.truncate(node1.dir / "hast0.img", 40 * MIB)
         out = nbdsh(node1, f"print(h.pread(4096, {60 * MIB}) == b'peer' * 1024)")
         assert out.strip() == "True"
+
+
+@requires_tool("nbdsh", "nbdinfo")
+def test_verify_compares_both_disks_online_and_finds_the_extent_that_rotted() -> None:
+    with Lab() as lab:
+        node1, node2 = pair(lab, "memsync")
+        replicate(node1, node2, "--nbd-tcp", "shared_storage=127.0.0.1:10809",
+                  "--metrics", "127.0.0.1:9108")  # fmt: skip
+        nbdsh(node1, f"h.pwrite(b'v' * (3 * {MIB}), {MIB}); h.flush()")
+        report = hastctl(node1, "verify", "shared_storage")[0]
+        assert report["checked"] == report["size"] and report["differing"] == []
+        # A byte of the secondary's disk changes behind HAST's back (bit rot).
+        md = decode((node2.dir / "hast0.img").read_bytes()[:METADATA_SIZE],
+                    resource="shared_storage")
+        with open(node2.dir / "hast0.img", "r+b") as disk:
+            disk.seek(md.localoff + 10 * MIB + 12345)
+            disk.write(b"\xff")
+        result = node1.run([sys.executable, "-m", "carpool.hast.ctl", "-c",
+                            str(node1.dir / "hast.conf"), "--run-dir", str(node1.dir),
+                            "verify", "shared_storage"], check=False)  # fmt: skip
+        assert result.returncode == 1
+        assert f"differs at offset {10 * MIB} length {2 * MIB}" in result.stdout
+        # The same export over TCP, for clients that cannot use the unix socket.
+        info = node1.run(["nbdinfo", "--size", "nbd://127.0.0.1:10809/shared_storage"])
+        assert int(info.stdout) == status(node1)["datasize"]
+        listing = node1.run([sys.executable, "-m", "carpool.hast.ctl", "-c",
+                             str(node1.dir / "hast.conf"), "--run-dir", str(node1.dir),
+                             "list"]).stdout  # fmt: skip
+        assert "  statistics:\n    reads: " in listing and "nbd tcp: 127.0.0.1:10809" in listing
+        metrics = node1.run(["python3", "-c", "import urllib.request; print(urllib.request."
+                             "urlopen('http://127.0.0.1:9108/metrics').read().decode())"]).stdout
+        assert 'carpool_hast_role{resource="shared_storage",role="primary"} 1.0' in metrics
+        assert 'carpool_hast_operations_total{kind="writes",resource="shared_storage"}' in metrics

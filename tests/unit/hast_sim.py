@@ -74,6 +74,7 @@ class Sim:
         self.violations: list[str] = []
         self._cookie = 0
         self._pending_checks: dict[int, tuple[int, int, bytes, int]] = {}
+        self.verified: dict[int, A.VerifyDone] = {}
 
     # ------------------------------------------------------------------ setup
 
@@ -155,6 +156,14 @@ class Sim:
         assert isinstance(m, PrimaryMachine)
         self.run_actions(node, m.request(self.now, req))
         return cookie
+
+    def verify(self, offset: int, length: int) -> int:
+        """Ask the primary to compare a range of both disks; the answer lands in ``verified``."""
+        machine = self.a.machine
+        assert isinstance(machine, PrimaryMachine)
+        id, acts = machine.verify(self.now, offset, length)
+        self.run_actions(self.a, acts)
+        return id
 
     def write(self, node: Node, offset: int, data: bytes, fua: bool = False) -> int:
         return self.submit(node, nbd.NbdCommand.WRITE, offset, len(data), data, fua)
@@ -300,6 +309,8 @@ class Sim:
             node.events.append(act.name)
         elif isinstance(act, A.StatusChanged):
             node.status.append(act.status)
+        elif isinstance(act, A.VerifyDone):
+            self.verified[act.id] = act
 
     def _check_ack(self, node: Node, act: A.ReplyToClient) -> None:
         entry = self._pending_checks.pop(act.cookie, None)

@@ -308,3 +308,54 @@ def test_mixed_workload_with_cuts_and_partitions_converges(seed: int, mode: Repl
     assert len(sim.replies) == sim._cookie  # every request answered
     assert p.connected and p.in_flight == 0 and p.activemap.nsync == 0
     assert sim.a.disk == sim.b.disk
+
+
+@FAST
+@given(st.integers(0, 2**32), st.sampled_from(list(Replication)))
+def test_verify_sees_equal_disks_even_with_writes_racing_it(seed: int, mode: Replication) -> None:
+    sim = connected_pair(seed, mode=mode)
+    rng = random.Random(seed)
+    size = len(sim.a.disk)
+    extent = sim.a.md.extentsize
+    ids = []
+    for _ in range(30):
+        _random_write(rng, sim)
+        if rng.random() < 0.5:
+            start = rng.randrange(0, size // extent) * extent
+            ids.append(sim.verify(start, min(extent, size - start)))
+        sim.run_until(sim.now + rng.uniform(0, 0.01))
+    sim.settle()
+    assert sim.violations == []
+    assert [sim.verified[i].same for i in ids] == [True] * len(ids)
+
+
+def test_verify_finds_the_extent_that_differs_and_only_it() -> None:
+    sim = connected_pair(7)
+    extent = sim.a.md.extentsize
+    sim.write(sim.a, 0, b"\x01" * len(sim.a.disk))
+    sim.settle()
+    sim.b.disk[3 * extent + 100] ^= 0xFF  # the secondary's disk rots
+    ids = [sim.verify(n * extent, extent) for n in range(len(sim.a.disk) // extent)]
+    sim.settle()
+    differing = [n for n, i in enumerate(ids) if sim.verified[i].same is False]
+    assert differing == [3]
+    assert all(sim.verified[i].same is not None for i in ids)
+
+
+def test_verify_without_the_secondary_says_why() -> None:
+    sim = connected_pair(8)
+    sim.partitioned = True
+    sim.cut()
+    done = sim.verified[sim.verify(0, 4096)]
+    assert done.same is None and "not connected" in done.error
+    outside = connected_pair(9)
+    result = outside.verified[outside.verify(len(outside.a.disk), 4096)]
+    assert result.same is None and "outside" in result.error
+
+
+def test_verify_interrupted_by_a_cut_answers_with_an_error() -> None:
+    sim = connected_pair(10)
+    id = sim.verify(0, 4096)
+    sim.cut()
+    sim.settle()
+    assert sim.verified[id].same is None

@@ -19,7 +19,8 @@ back by the ``id``/``token`` it carries:
   :class:`ClosePeer` (then call ``peer_disconnected``), :class:`ConnectPeer`
   (then ``peer_connected`` or, on failure, nothing: the machine retries).
 * :class:`ReplyToClient` (an NBD simple reply), :class:`Event` (a hook event:
-  run ``exec <name> <resource>`` and publish it), :class:`StatusChanged`.
+  run ``exec <name> <resource>`` and publish it), :class:`StatusChanged`,
+  :class:`VerifyDone` (the result of an online comparison of both disks).
 
 ``REFUSE_*`` are the codes of the wire :class:`~carpool.hast.wire.Error` a
 secondary sends when it refuses a primary.
@@ -52,6 +53,7 @@ __all__ = [
     "ReplyToClient",
     "SendToPeer",
     "StatusChanged",
+    "VerifyDone",
     "WriteActivemap",
     "WriteMetadata",
 ]
@@ -160,8 +162,22 @@ class StatusChanged:
     status: str
 
 
+@dataclass(frozen=True, slots=True)
+class VerifyDone:
+    """The answer to ``PrimaryMachine.verify``: do both disks hold the same bytes there?
+
+    ``same`` is None when the comparison could not be made (``error`` says why).
+    """
+
+    id: int
+    offset: int
+    length: int
+    same: bool | None
+    error: str = ""
+
+
 Action = (
     LocalWrite | LocalTrim | LocalWriteZeroes | LocalRead | LocalFlush | WriteMetadata
     | WriteActivemap | SendToPeer | ClosePeer | ConnectPeer | ReplyToClient | Event
-    | StatusChanged
+    | StatusChanged | VerifyDone
 )  # fmt: skip

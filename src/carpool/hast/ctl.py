@@ -5,6 +5,7 @@
     hastctl status [all | name ...]
     hastctl list   [all | name ...]
     hastctl dump   [all | name ...]                                        (offline)
+    hastctl verify [all | name ...]            (online: both disks compared, on the primary)
 
 ``-c`` names hast.conf (default /etc/hast.conf); ``-j`` prints JSON.
 """
@@ -68,8 +69,39 @@ def format_list(entries: list[dict[str, Any]]) -> str:
         lines.append(f"  remoteaddr: {e['remoteaddr']}")
         lines.append(f"  replication: {e['replication']}")
         lines.append(f"  status: {e['status']}")
+        if "nbd_tcp" in e:
+            lines.append(f"  nbd tcp: {e['nbd_tcp']}")
         if e["role"] == "primary":
             lines.append(f"  dirty: {e['dirty']} ({humanize(e['dirty'])})")
+        stats = e.get("statistics")
+        if stats:
+            lines.append("  statistics:")
+            for key in ("reads", "writes", "deletes", "flushes"):
+                lines.append(f"    {key}: {stats.get(key, 0)}")
+            if "activemap_updates" in stats:
+                lines.append(f"    activemap updates: {stats['activemap_updates']}")
+            lines.append(
+                f"    local errors: read: {stats.get('local_read_errors', 0)}, "
+                f"write: {stats.get('local_write_errors', 0)}, "
+                f"flush: {stats.get('local_flush_errors', 0)}"
+            )
+            lines.append(f"    in flight: {e.get('in_flight', 0)}")
+    return "\n".join(lines)
+
+
+def format_verify(results: list[dict[str, Any]]) -> str:
+    lines = []
+    for r in results:
+        summary = (f"{r['name']}: compared {humanize(r['checked'])} of {humanize(r['size'])}"
+                   f" ({r['algorithm']})")  # fmt: skip
+        if not r["differing"] and not r["errors"]:
+            lines.append(f"{summary}: both disks hold the same data")
+            continue
+        lines.append(f"{summary}: {len(r['differing'])} extent(s) differ")
+        for d in r["differing"]:
+            lines.append(f"  differs at offset {d['offset']} length {d['length']}")
+        for error in r["errors"]:
+            lines.append(f"  not compared: {error}")
     return "\n".join(lines)
 
 
@@ -146,7 +178,8 @@ def run(arguments: argparse.Namespace) -> int:
         print(json.dumps(entries, indent=2) if emit_json else format_dump(entries))
         return 0
     path = arguments.socket or socket_path(arguments.run_dir, "hastd")
-    with ControlClient(path) as client:
+    # verify reads both disks whole: give it the time a large resource needs.
+    with ControlClient(path, *([3600.0] if command == "verify" else [])) as client:
         if command == "role":
             if not words:
                 raise CarpoolError(
@@ -159,6 +192,11 @@ def run(arguments: argparse.Namespace) -> int:
             if emit_json:
                 print(json.dumps(result, indent=2))
             return 0
+        if command == "verify":
+            targets = ["all"] if not words or words == ["all"] else _names(config, words)
+            results = client.request("verify", resources=targets)
+            print(json.dumps(results, indent=2) if emit_json else format_verify(results))
+            return 1 if any(r["differing"] or r["errors"] for r in results) else 0
         entries = client.request("status", resources=_names(config, words))
         if emit_json:
             print(json.dumps(entries, indent=2))
@@ -177,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--node", help="this node's name in hast.conf (default: the hostname)")
     parser.add_argument("--run-dir", type=Path, default=default_run_dir())
     parser.add_argument("--socket", type=Path)
-    parser.add_argument("command", choices=("create", "role", "status", "list", "dump"))
+    parser.add_argument("command", choices=("create", "role", "status", "list", "dump", "verify"))
     parser.add_argument("words", nargs=argparse.REMAINDER)
     arguments = parser.parse_args(argv)
     try:

@@ -15,23 +15,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import secrets
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from carpool.control import default_run_dir
 from carpool.errors import CarpoolError, CommandError
 from carpool.events import Event as BusEvent
 from carpool.events import EventBus, setup_logging
 from carpool.hast import actions as act
-from carpool.hast.common import Role
+from carpool.hast.common import Checksum, Role
 from carpool.hast.config import HastConfig, ResourceConfig, load_config
 from carpool.hast.link import LinkError, PeerLink, dial
 from carpool.hast.metadata import MetadataError
@@ -42,6 +45,7 @@ from carpool.hast.provider import LocalProvider
 from carpool.hast.roles import change_role
 from carpool.hast.secondary import SecondaryMachine
 from carpool.hast.wire import NONCE_SIZE, Hello, Message
+from carpool.metrics import parse_listen_address
 from carpool.service import DaemonShell, run_command
 
 log = logging.getLogger("carpool.hastd")
@@ -67,6 +71,7 @@ class Worker:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.metadata_queue: asyncio.Queue[act.WriteMetadata | act.WriteActivemap] = asyncio.Queue()
         self.next_cookie = 1
+        self.verifying: dict[int, asyncio.Future[act.VerifyDone]] = {}
 
     def spawn(self, coroutine: Any) -> None:
         task = asyncio.ensure_future(coroutine)
@@ -111,6 +116,10 @@ class Worker:
                             memoryview(action.data))  # fmt: skip
             elif isinstance(action, act.Event):
                 self.daemon.hook(self.config, action.name, dict(action.attrs))
+            elif isinstance(action, act.VerifyDone):
+                waiter = self.verifying.pop(action.id, None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(action)
             elif isinstance(action, act.StatusChanged):
                 self.status = action.status
                 self.daemon.status_gauge.labels(self.config.name).set(
@@ -234,6 +243,52 @@ class Worker:
                          request.length, request.data)  # fmt: skip
         self.perform(machine.request(time.monotonic(), unique))
 
+    async def verify(self, window: int = 4) -> dict[str, Any]:
+        """Compare both disks extent by extent while the resource stays in use."""
+        machine = self.machine
+        if not isinstance(machine, PrimaryMachine):
+            raise CommandError(f"{self.config.name}: verify runs on the primary")
+        if not machine.connected:
+            raise CommandError(
+                f"{self.config.name}: the secondary is not connected (status degraded); "
+                "verify needs both nodes"
+            )
+        size, extent = machine.metadata.datasize, machine.metadata.extentsize
+        ranges = [(offset, min(extent, size - offset)) for offset in range(0, size, extent)]
+        differing: list[dict[str, int]] = []
+        errors: list[str] = []
+        checked = 0
+        semaphore = asyncio.Semaphore(window)
+        algorithm = self.config.checksum if self.config.checksum is not Checksum.NONE else (
+            Checksum.SHA256)  # fmt: skip
+
+        async def one(offset: int, length: int) -> None:
+            nonlocal checked
+            async with semaphore:
+                if self.machine is not machine:
+                    errors.append("the role changed during verify")
+                    return
+                waiter: asyncio.Future[act.VerifyDone] = asyncio.get_running_loop().create_future()
+                id, actions = machine.verify(time.monotonic(), offset, length, algorithm)
+                self.verifying[id] = waiter
+                self.perform(actions)
+                done = await waiter
+                if done.same is None:
+                    errors.append(f"{offset}+{length}: {done.error}")
+                else:
+                    checked += length
+                    if not done.same:
+                        differing.append({"offset": offset, "length": length})
+
+        await asyncio.gather(*(one(offset, length) for offset, length in ranges))
+        differing.sort(key=lambda entry: entry["offset"])
+        self.daemon.bus.publish(BusEvent.now(
+            DAEMON, "verify", system="HAST", subsystem=self.config.name,
+            resource=self.config.name, differing=len(differing), errors=len(errors),
+        ))  # fmt: skip
+        return {"name": self.config.name, "algorithm": algorithm.value, "size": size,
+                "checked": checked, "differing": differing, "errors": errors[:20]}  # fmt: skip
+
     async def ticker(self) -> None:
         while self.machine is not None:
             self.perform(self.machine.tick(time.monotonic()))
@@ -249,11 +304,23 @@ class Worker:
         for respond in self.pending.values():
             respond(5, None)
         self.pending.clear()
+        for id, waiter in list(self.verifying.items()):
+            if not waiter.done():
+                waiter.set_result(act.VerifyDone(id, 0, 0, None, "the role changed"))
+        self.verifying.clear()
         self.provider.close()
 
 
 class HastDaemon:
-    def __init__(self, config: HastConfig, config_path: str, run_dir: Path, metrics: str | None):
+    def __init__(
+        self,
+        config: HastConfig,
+        config_path: str,
+        run_dir: Path,
+        metrics: str | None,
+        nbd_tcp: dict[str, tuple[str, int]] | None = None,
+    ):
+        self.nbd_tcp = nbd_tcp or {}
         self.config = config
         self.config_path = config_path
         self.run_dir = run_dir
@@ -263,11 +330,13 @@ class HastDaemon:
         self.roles: dict[str, Role] = {r.name: Role.INIT for r in config.resources}
         self.workers: dict[str, Worker] = {}
         self.listeners: list[asyncio.AbstractServer] = []
+        self.refused_connections = 0
         self.hooks: set[asyncio.Task[None]] = set()
         self.status_gauge = Gauge(
             "carpool_hast_complete", "1 while the resource is replicated (complete)",
             ["resource"], registry=self.registry,
         )  # fmt: skip
+        self.registry.register(HastCollector(self))
 
     @property
     def device_dir(self) -> Path:
@@ -358,6 +427,13 @@ class HastDaemon:
             worker.nbd = NbdServer(config.provname, size=provider.metadata.datasize,
                                    submit=worker.submit)  # fmt: skip
             await worker.nbd.listen_unix(self.device_dir / f"{config.provname}.sock")
+            if config.name in self.nbd_tcp:
+                host, port = self.nbd_tcp[config.name]
+                try:
+                    await worker.nbd.listen_tcp(host, port)
+                except OSError as error:
+                    log.warning("%s: no NBD export on %s:%d: %s", config.name, host, port,
+                                error.strerror)  # fmt: skip
             worker.perform(machine.start(now))
 
     async def accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -365,12 +441,21 @@ class HastDaemon:
         link = PeerLink(reader, writer, timeout=None)
         try:
             first = await asyncio.wait_for(link.next_message(), 20)
-        except (LinkError, TimeoutError):
+        except (LinkError, TimeoutError) as error:
+            log.info("refused a connection from %s: %s", link.peer, error)
+            self.refused_connections += 1
             await link.close()
             return
         worker = self.workers.get(first.resource) if isinstance(first, Hello) else None
         if worker is None or not isinstance(worker.machine, SecondaryMachine):
             log.info("refused a connection from %s: not secondary for it", link.peer)
+            self.refused_connections += 1
+            await link.close()
+            return
+        if not await self.is_remote(worker.config, link.peer):
+            log.warning("%s: refused a connection from %s: not the remote of hast.conf (%s)",
+                        worker.config.name, link.peer, worker.config.remote_host)  # fmt: skip
+            self.refused_connections += 1
             await link.close()
             return
         link.checksum, link.compression = worker.config.checksum, worker.config.compression
@@ -378,6 +463,25 @@ class HastDaemon:
         worker.attach(link)
         worker.perform(worker.machine.peer_connected(time.monotonic(), os.urandom(NONCE_SIZE)))
         worker.perform(worker.machine.peer_message(time.monotonic(), first))
+
+    @staticmethod
+    async def is_remote(config: ResourceConfig, peer: Any) -> bool:
+        """Whether a connection comes from the resource's ``remote`` (as hastd checks)."""
+        remote = config.remote_host
+        if not remote:
+            return True  # remote none: the primary is not known yet
+        address = peer[0] if isinstance(peer, tuple) and peer else None
+        if not isinstance(address, str):
+            return False
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(remote, None)
+        except OSError:
+            return False
+        known = {ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos}
+        peer_address = ipaddress.ip_address(address.split("%")[0])
+        if isinstance(peer_address, ipaddress.IPv6Address) and peer_address.ipv4_mapped:
+            peer_address = peer_address.ipv4_mapped
+        return peer_address in known
 
     # -- control ----------------------------------------------------------------------------
 
@@ -402,6 +506,11 @@ class HastDaemon:
                 entry["dirty"] = machine.dirty_bytes
                 entry["sync_bytes_sent"] = machine.sync_bytes_sent
                 entry["device"] = str(self.device_dir / f"{config.provname}.sock")
+                if config.name in self.nbd_tcp:
+                    host, port = self.nbd_tcp[config.name]
+                    entry["nbd_tcp"] = f"{host}:{port}"
+            entry["statistics"] = dict(machine.stats)
+            entry["in_flight"] = machine.in_flight
             md = machine.metadata
             entry.update(resuid=md.resuid, localcnt=md.localcnt, remotecnt=md.remotecnt,
                          datasize=md.datasize, extentsize=md.extentsize,
@@ -410,7 +519,24 @@ class HastDaemon:
 
     def cmd_status(self, args: dict[str, Any]) -> list[dict[str, Any]]:
         names = args.get("resources") or list(self.roles)
-        return [self.describe(str(name)) for name in names]
+        entries = [self.describe(str(name)) for name in names]
+        for entry in entries:
+            entry["refused_connections"] = self.refused_connections
+        return entries
+
+    async def cmd_verify(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+        names = args.get("resources") or []
+        if names == ["all"]:
+            names = [name for name, role in self.roles.items() if role is Role.PRIMARY]
+        results = []
+        for name in names:
+            self.config.resource(str(name))
+            worker = self.workers.get(str(name))
+            if worker is None:
+                raise CommandError(f"{name}: verify runs on the primary (role is "
+                                   f"{self.roles[str(name)].value})")  # fmt: skip
+            results.append(await worker.verify())
+        return results
 
     async def cmd_role(self, args: dict[str, Any]) -> list[dict[str, Any]]:
         role = str(args.get("role", ""))
@@ -425,6 +551,7 @@ class HastDaemon:
         handlers: dict[str, Callable[[dict[str, Any]], Any]] = {
             "status": self.cmd_status,
             "role": self.cmd_role,
+            "verify": self.cmd_verify,
         }
         async with DaemonShell(
             DAEMON, self.run_dir, handlers, self.bus, self.registry, self.metrics_address
@@ -452,6 +579,61 @@ class HastDaemon:
                     await worker.stop()
 
 
+class HastCollector(Collector):
+    """Per-resource figures read at scrape time from the running machines."""
+
+    STATISTICS = ("reads", "writes", "deletes", "flushes", "activemap_updates",
+                  "local_read_errors", "local_write_errors", "local_flush_errors",
+                  "remote_errors", "bad_peer_messages")  # fmt: skip
+
+    def __init__(self, daemon: HastDaemon) -> None:
+        self.daemon = daemon
+
+    def collect(self) -> Iterator[Metric]:
+        role = GaugeMetricFamily("carpool_hast_role", "1 for the resource's current role",
+                                 labels=["resource", "role"])  # fmt: skip
+        dirty = GaugeMetricFamily("carpool_hast_dirty_bytes",
+                                  "bytes of extents not known to be on both disks",
+                                  labels=["resource"])  # fmt: skip
+        in_flight = GaugeMetricFamily("carpool_hast_requests_in_flight",
+                                      "requests being carried out",
+                                      labels=["resource"])  # fmt: skip
+        synced = CounterMetricFamily("carpool_hast_resync_bytes",
+                                     "bytes copied by resyncs since the role began",
+                                     labels=["resource"])  # fmt: skip
+        operations = CounterMetricFamily("carpool_hast_operations",
+                                         "requests and errors since the role began",
+                                         labels=["resource", "kind"])  # fmt: skip
+        for name, current in self.daemon.roles.items():
+            for value in Role:
+                role.add_metric([name, value.value], 1 if value is current else 0)
+            worker = self.daemon.workers.get(name)
+            machine = worker.machine if worker is not None else None
+            if machine is None:
+                continue
+            in_flight.add_metric([name], machine.in_flight)
+            for kind, count in machine.stats.items():
+                operations.add_metric([name, kind], count)
+            if isinstance(machine, PrimaryMachine):
+                dirty.add_metric([name], machine.dirty_bytes)
+                synced.add_metric([name], machine.sync_bytes_sent)
+        yield from (role, dirty, in_flight, synced, operations)
+
+
+def parse_nbd_tcp(words: list[str], config: HastConfig) -> dict[str, tuple[str, int]]:
+    """``RES=HOST:PORT`` (or ``RES=:PORT`` for every address) for each --nbd-tcp."""
+    exports: dict[str, tuple[str, int]] = {}
+    for word in words:
+        name, sep, address = word.partition("=")
+        if not sep:
+            raise CarpoolError(f"--nbd-tcp {word!r}: write RES=HOST:PORT, e.g. "
+                               "shared_storage=127.0.0.1:10809")  # fmt: skip
+        config.resource(name)
+        host, port = parse_listen_address(address, source="--nbd-tcp")
+        exports[name] = (host, port)
+    return exports
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hastd", description="HAST: replicated block devices.")
     parser.add_argument("-c", dest="config", default=DEFAULT_CONFIG)
@@ -461,13 +643,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--node", help="this node's name in hast.conf (default: the hostname)")
     parser.add_argument("--run-dir", type=Path, default=default_run_dir())
     parser.add_argument("--metrics", metavar="ADDR")
+    parser.add_argument(
+        "--nbd-tcp", action="append", default=[], metavar="RES=HOST:PORT",
+        help="also export resource RES over NBD on TCP while it is primary (repeatable)",
+    )  # fmt: skip
     arguments = parser.parse_args(argv)
     setup_logging(logging.DEBUG if arguments.debug else logging.INFO)
     node = arguments.node or os.environ.get("CARPOOL_NODE")
 
     def body() -> int:
         config = load_config(arguments.config, node=node)
-        daemon = HastDaemon(config, arguments.config, arguments.run_dir, arguments.metrics)
+        nbd_tcp = parse_nbd_tcp(arguments.nbd_tcp, config)
+        daemon = HastDaemon(config, arguments.config, arguments.run_dir, arguments.metrics,
+                            nbd_tcp)  # fmt: skip
         asyncio.run(daemon.run())
         return 0
 

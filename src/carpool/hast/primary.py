@@ -46,6 +46,10 @@ Rules (HAST's, with carpool's choices marked *):
   written locally — and while that lasts every client READ goes to the peer.
   Resync chunks take the same range lock as client writes.  When it is done,
   :func:`~carpool.hast.metadata.after_sync` sets the counters.
+* **Verify*** (:meth:`~PrimaryMachine.verify`): a range is read locally and its
+  digest compared with the one the secondary computes of the same range.  The
+  comparison takes the range lock like a write, so the two digests describe
+  the same moment on both disks; the answer is a :class:`VerifyDone`.
 * **Events.** ``connect``, ``disconnect``, ``syncstart``, ``syncdone`` (only if
   bytes were copied), ``syncintr``, ``split-brain``; :class:`StatusChanged`
   ``complete`` while the peer is connected, else ``degraded``.
@@ -77,11 +81,12 @@ from carpool.hast.actions import (
     ReplyToClient,
     SendToPeer,
     StatusChanged,
+    VerifyDone,
     WriteActivemap,
     WriteMetadata,
 )
 from carpool.hast.activemap import ActiveMap
-from carpool.hast.common import DEFAULT_TIMEOUT, Replication, ranges_overlap
+from carpool.hast.common import DEFAULT_TIMEOUT, Checksum, Replication, ranges_overlap
 from carpool.hast.metadata import (
     Metadata,
     NodeCounters,
@@ -150,6 +155,9 @@ class _Op:
     from_peer: bool = False  # a READ served by the peer
     chunk: Chunk | None = None
     orphan: bool = False  # a sync chunk whose resync was interrupted
+    algorithm: Checksum = Checksum.SHA256  # verify: the digest compared
+    local_digest: bytes | None = None  # verify: ours, once read
+    peer_digest: bytes | None = None  # verify: the secondary's, once answered
 
     @property
     def modifying(self) -> bool:
@@ -157,7 +165,7 @@ class _Op:
 
     @property
     def locks(self) -> bool:
-        return self.kind in ("write", "trim", "zeroes", "sync")
+        return self.kind in ("write", "trim", "zeroes", "sync", "verify")
 
     def overlaps(self, other: _Op) -> bool:
         return ranges_overlap(self.offset, self.length, other.offset, other.length)
@@ -377,6 +385,36 @@ class PrimaryMachine:
         self._pump(now, out)
         return out
 
+    def verify(
+        self, now: float, offset: int, length: int, algorithm: Checksum = Checksum.SHA256
+    ) -> tuple[int, list[Action]]:
+        """Compare ``length`` bytes at ``offset`` on both disks; answered by a VerifyDone."""
+        out: list[Action] = []
+        id = self._new_id()
+        if self.link is not Link.UP:
+            out.append(VerifyDone(id, offset, length, None, "the secondary is not connected"))
+            return id, out
+        if length <= 0 or offset < 0 or offset + length > self._md.datasize:
+            out.append(VerifyDone(id, offset, length, None, "the range is outside the resource"))
+            return id, out
+        if algorithm is Checksum.NONE:
+            algorithm = Checksum.SHA256
+        op = _Op(id, "verify", offset, length, algorithm=algorithm)
+        if self._barriers:
+            op.token = max(self._barriers)
+        self._ops[op.id] = op
+        self._mods.append(op)
+        self._pump(now, out)
+        return id, out
+
+    def _verify_check(self, op: _Op, out: list[Action], error: str = "") -> None:
+        if error:
+            self._retire(op, out)
+            out.append(VerifyDone(op.id, op.offset, op.length, None, error))
+        elif op.local_done and op.peer_digest is not None:
+            self._retire(op, out)
+            out.append(VerifyDone(op.id, op.offset, op.length, op.local_digest == op.peer_digest))
+
     # ------------------------------------------------------------------ issuing
 
     def _pump(self, now: float, out: list[Action]) -> None:
@@ -390,6 +428,16 @@ class PrimaryMachine:
     def _issue(self, now: float, op: _Op, out: list[Action]) -> None:
         if op.kind == "sync":
             self._issue_sync(now, op, out)
+            return
+        if op.kind == "verify":
+            op.issued = True
+            if self.link is not Link.UP:
+                self._verify_check(op, out, "the secondary went away")
+                return
+            op.local_busy = True
+            op.peer = _Peer.SENT
+            out.append(LocalRead(op.id, op.offset, op.length))
+            self._send(out, wire.Verify(op.id, op.offset, op.length, op.algorithm), now)
             return
         if self.link is not Link.UP:
             new_md = bump_localcnt(self._md, self.peer_counters.remotecnt)
@@ -530,6 +578,18 @@ class PrimaryMachine:
             self._pump(now, out)
             self._pump_sync(now, out)
             return out
+        if op.kind == "verify":
+            op.local_done = True
+            if ok:
+                assert data is not None
+                op.local_digest = wire.digest(op.algorithm, data)
+                self._verify_check(op, out)
+            else:
+                self.stats["local_read_errors"] += 1
+                self._verify_check(op, out, "a local read error")
+            self._pump(now, out)
+            self._pump_sync(now, out)
+            return out
         if ok:
             self._ops.pop(op.id)
             out.append(ReplyToClient(op.cookie, 0, data))
@@ -626,6 +686,10 @@ class PrimaryMachine:
                     self._ops.pop(op.id)
                     out.append(ReplyToClient(op.cookie, EIO))
                 continue
+            if op.kind == "verify":
+                if op.issued:
+                    self._verify_check(op, out, f"the secondary went away ({reason})")
+                continue
             if op.peer in (_Peer.SENT, _Peer.RECEIVED):
                 self._peer_failed(op, out)
                 lost_write = lost_write or op.modifying
@@ -642,7 +706,10 @@ class PrimaryMachine:
         if self.link in (Link.DOWN, Link.CONNECTING):
             return out
         self._last_rx = now
-        if isinstance(msg, wire.Error):
+        verifying = self._ops.get(msg.seq) if isinstance(msg, wire.Error | wire.Verify) else None
+        if verifying is not None and verifying.kind == "verify" and self.link is Link.UP:
+            self._verify_reply(now, verifying, msg, out)
+        elif isinstance(msg, wire.Error):
             if msg.code == REFUSE_SPLIT_BRAIN:
                 out.append(Event("split-brain", {"message": msg.message}))
             self._close(now, out, f"the peer refused: {msg.message}")
@@ -673,6 +740,21 @@ class PrimaryMachine:
         else:
             self._violation(now, out, f"unexpected {type(msg).__name__} from the secondary")
         return out
+
+    def _verify_reply(self, now: float, op: _Op, msg: wire.Message, out: list[Action]) -> None:
+        if isinstance(msg, wire.Error):
+            self._verify_check(op, out, f"the secondary could not read it: {msg.message}")
+        elif (
+            not isinstance(msg, wire.Verify) or not msg.reply or op.peer_digest is not None
+            or (msg.offset, msg.length, msg.algorithm) != (op.offset, op.length, op.algorithm)
+        ):  # fmt: skip
+            self._violation(now, out, "a VERIFY reply that matches no request")
+            return
+        else:
+            op.peer_digest = msg.digest
+            self._verify_check(op, out)
+        self._pump(now, out)
+        self._pump_sync(now, out)
 
     def _violation(self, now: float, out: list[Action], reason: str) -> None:
         self.stats["bad_peer_messages"] += 1
