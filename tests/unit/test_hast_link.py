@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import pytest
 
 from carpool.hast.common import Checksum, Compression
-from carpool.hast.link import LinkError, PeerLink, dial, dial_until_connected
+from carpool.hast.link import LinkError, PeerLink, dial, dial_until_connected, listen
 from carpool.hast.wire import Flush, Keepalive, Write
 
 T = TypeVar("T")
@@ -18,13 +19,8 @@ T = TypeVar("T")
 async def pair(timeout: float | None = 5.0) -> tuple[PeerLink, PeerLink, asyncio.AbstractServer]:
     accepted: asyncio.Future[PeerLink] = asyncio.get_running_loop().create_future()
 
-    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        accepted.set_result(
-            PeerLink(reader, writer, timeout=timeout, checksum=Checksum.CRC32,
-                     compression=Compression.FAST)
-        )  # fmt: skip
-
-    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+    server = await listen("127.0.0.1", 0, accepted.set_result, timeout=timeout,
+                          checksum=Checksum.CRC32, compression=Compression.FAST)  # fmt: skip
     port = server.sockets[0].getsockname()[1]
     dialer = await dial("127.0.0.1", port, timeout=5.0, checksum=Checksum.CRC32,
                         compression=Compression.FAST)  # fmt: skip
@@ -66,7 +62,7 @@ def test_silence_times_out_and_garbage_is_a_link_error() -> None:
         with pytest.raises(LinkError, match="sent nothing"):
             await secondary.next_message()
         primary2, secondary2, server2 = await pair()
-        primary2.writer.write(b"GET / HTTP/1.1\r\n\r\n" * 4)
+        primary2.send_raw(b"GET / HTTP/1.1\r\n\r\n" * 4)
         await primary2.drain()
         with pytest.raises(LinkError, match="garbage"):
             await secondary2.next_message()
@@ -96,6 +92,35 @@ def test_dialing_retries_until_the_listener_appears() -> None:
         link = await asyncio.wait_for(dialing, 10)
         assert link is not None
         await link.close()
+        server.close()
+
+    run(main)
+
+
+def test_a_large_write_arrives_whole_in_place_and_callbacks_see_every_message() -> None:
+    async def main() -> None:
+        primary, secondary, server = await pair()
+        seen: list[object] = []
+        failures: list[LinkError] = []
+        secondary.deliver_to(seen.append, failures.append)
+        payloads = [os.urandom(3 << 20), os.urandom(100_000), b"x" * 10]
+        for seq, data in enumerate(payloads):
+            primary.send(Write(seq=seq, offset=0, data=data))
+            primary.send(Keepalive())
+        await primary.drain()
+        for _ in range(200):
+            if len(seen) == 2 * len(payloads):
+                break
+            await asyncio.sleep(0.05)
+        writes = [m for m in seen if isinstance(m, Write)]
+        assert [bytes(m.data) for m in writes] == payloads
+        await primary.close()
+        for _ in range(100):
+            if failures:
+                break
+            await asyncio.sleep(0.05)
+        assert failures and "closed" in str(failures[0])
+        await secondary.close()
         server.close()
 
     run(main)

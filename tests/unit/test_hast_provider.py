@@ -7,11 +7,14 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from carpool.errors import CarpoolError
+from carpool.hast.activemap import decode_bitmap, encode_bitmap
 from carpool.hast.common import Role
 from carpool.hast.metadata import SLOT_SIZE, MetadataError
-from carpool.hast.provider import LocalProvider, create_provider
+from carpool.hast.provider import ActivemapStore, LocalProvider, create_provider
 
 MIB = 1024 * 1024
 
@@ -102,3 +105,62 @@ def test_activemap_persists_and_data_never_touches_metadata(tmp_path: Path) -> N
             assert handle.read(4096) == b"\xff" * 4096
     finally:
         again.close()
+
+
+@settings(max_examples=60, deadline=None)
+@given(steps=st.lists(st.one_of(st.just(None), st.sets(st.integers(0, 39), max_size=8)),
+                      max_size=40))
+def test_the_on_disk_activemap_never_forgets_an_extent_before_a_flush(
+    steps: list[set[int] | None], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    path = tmp_path_factory.mktemp("am") / "disk.img"
+    with open(path, "wb") as handle:
+        handle.truncate(40 * 64 * 1024 + 1024 * 1024)
+    create_provider(str(path), "r", extentsize=64 * 1024)
+    provider = LocalProvider.open(str(path), "r")
+    try:
+        nextents = provider.metadata.nextents
+        store = ActivemapStore(provider, provider.read_activemap())
+        needed: set[int] = set()  # every extent stored since the last flush
+        for step in steps:
+            if step is None:
+                snapshot = store.snapshot()
+                store.flushed(snapshot)
+                needed = set(decode_bitmap(snapshot.to_bytes(provider.mapsize, "little"),
+                                           nextents))  # fmt: skip
+            else:
+                store.store(encode_bitmap(step, nextents, provider.mapsize))
+                needed |= step
+            on_disk = set(provider.dirty_extents_on_disk())
+            assert needed <= on_disk
+    finally:
+        provider.close()
+
+
+def test_a_sequential_writer_costs_one_activemap_write_per_several_extents(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "disk.img"
+    with open(path, "wb") as handle:
+        handle.truncate(64 * 64 * 1024 + 1024 * 1024)
+    create_provider(str(path), "r", extentsize=64 * 1024)
+    provider = LocalProvider.open(str(path), "r")
+    writes = 0
+    original = provider.write_activemap_range
+
+    def counting(bitmap: bytes) -> None:
+        nonlocal writes
+        writes += 1
+        original(bitmap)
+
+    provider.write_activemap_range = counting  # type: ignore[method-assign]
+    try:
+        store = ActivemapStore(provider, provider.read_activemap())
+        dirty: set[int] = set()
+        for extent in range(32):
+            dirty.add(extent)
+            store.store(encode_bitmap(dirty, provider.metadata.nextents, provider.mapsize))
+        assert writes <= 32 // ActivemapStore.SEQUENTIAL_AHEAD + 2
+        assert set(range(32)) <= set(provider.dirty_extents_on_disk())
+    finally:
+        provider.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import random
 import struct
 import zlib
 
@@ -270,3 +271,39 @@ def test_fuzz_corrupted_messages(msg: Message, where: int, xor: int) -> None:
     wire[where % len(wire)] ^= xor
     with contextlib.suppress(WireError):
         WireDecoder().feed(bytes(wire))
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(st.binary(min_size=1, max_size=300_000), min_size=1, max_size=4),
+    st.sampled_from([Checksum.NONE, Checksum.CRC32]),
+    st.randoms(use_true_random=False),
+)
+def test_large_bodies_received_in_place_decode_like_fed_ones(
+    payloads: list[bytes], checksum: Checksum, rng: random.Random
+) -> None:
+    stream = b"".join(
+        encode_bytes(Write(seq, 4096 * seq, data), checksum=checksum) + encode_bytes(Keepalive())
+        for seq, data in enumerate(payloads)
+    )
+    expected = WireDecoder().feed(stream)
+    decoder = WireDecoder()
+    got: list[Message] = []
+    pos = 0
+    while pos < len(stream):
+        target = decoder.payload_buffer()
+        if target is not None and rng.random() < 0.8:
+            count = min(len(target), len(stream) - pos, rng.randint(1, 200_000))
+            target[:count] = stream[pos : pos + count]
+            got += decoder.payload_received(count)
+        else:
+            count = min(len(stream) - pos, rng.randint(1, 100_000))
+            got += decoder.feed(stream[pos : pos + count])
+        pos += count
+    assert [type(m) for m in got] == [type(m) for m in expected]
+    for mine, theirs in zip(got, expected, strict=True):
+        if isinstance(mine, Write):
+            assert isinstance(theirs, Write)
+            assert (mine.seq, mine.offset, bytes(mine.data)) == (
+                theirs.seq, theirs.offset, bytes(theirs.data))  # fmt: skip
+    assert decoder.buffered == 0 and decoder.payload_buffer() is None

@@ -409,6 +409,26 @@ class NbdServerConnection:
 
     # -- input
 
+    def payload_buffer(self) -> memoryview | None:
+        """Where the rest of the current WRITE's payload goes, when nothing else is
+        buffered: the I/O layer may receive straight into it, then call
+        :meth:`payload_received`. None when bytes must go through :meth:`receive_data`.
+        """
+        if self._payload is None or self._in or self.state is State.CLOSED:
+            return None
+        return memoryview(self._payload)[self._filled :]
+
+    def payload_received(self, count: int) -> list[NbdEvent]:
+        """``count`` bytes were written into :meth:`payload_buffer`."""
+        events: list[NbdEvent] = []
+        payload = self._payload
+        if payload is None or count < 0 or self._filled + count > len(payload):
+            raise NbdProtocolError("payload_received without a matching payload_buffer")
+        self._filled += count
+        if self._filled == len(payload):
+            self._finish_write(events)
+        return events
+
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[NbdEvent]:
         """Feed bytes read from the client; return the events they complete.
 

@@ -16,9 +16,10 @@ import ctypes.util
 import errno
 import logging
 import os
+import socket
 import stat
+import typing
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
@@ -28,6 +29,7 @@ from carpool.hast.nbd import (
     Export,
     NbdCommand,
     NbdError,
+    NbdEvent,
     NbdServerConnection,
     Request,
     RequestRejected,
@@ -72,8 +74,14 @@ def _libc_fallocate() -> Callable[[int, int, int, int], int] | None:
 
 
 class FileBackend:
-    """A local file or block device: reads and writes on the event loop (page cache), and
-    durability (fsync, FUA) on one dedicated thread, so the loop never waits for a disk.
+    """A local file or block device, carried out on the event loop itself.
+
+    Reads and writes go through the page cache; durability is asked per write
+    (FUA: ``pwritev`` with ``RWF_DSYNC``, which syncs that range only) or for the
+    whole device (FLUSH: ``fdatasync``). Nothing hops to a thread: an fsync
+    waits for the disk on the loop, which costs less than the hand-over (a
+    thread per flush measured 0.80 ms against 0.62 ms inline here).
+    The ``*_now`` methods are the synchronous forms the HAST worker calls.
     """
 
     def __init__(self, path: str | os.PathLike[str], offset: int = 0, size: int | None = None):
@@ -90,18 +98,18 @@ class FileBackend:
         if offset < 0 or self.size < 0 or offset + self.size > total:
             os.close(self.fd)
             raise CarpoolError(f"{self.path} is {total} bytes: too small for the resource")
-        self._sync_thread = ThreadPoolExecutor(1, thread_name_prefix="hast-fsync")
         self._fallocate = None if self.is_block_device else _libc_fallocate()
 
     def close(self) -> None:
-        self._sync_thread.shutdown(wait=True)
         os.close(self.fd)
 
     def _io_error(self, what: str, error: OSError) -> BackendError:
         code = NbdError.ENOSPC if error.errno == errno.ENOSPC else NbdError.EIO
         return BackendError(f"{what} on {self.path} failed: {error.strerror}", code)
 
-    async def read(self, offset: int, length: int) -> bytes:
+    # -- synchronous ------------------------------------------------------------------------
+
+    def read_now(self, offset: int, length: int) -> bytes:
         try:
             data = os.pread(self.fd, length, self.offset + offset)
         except OSError as error:
@@ -110,42 +118,59 @@ class FileBackend:
             raise BackendError(f"short read on {self.path} at {offset}")
         return data
 
-    async def write(self, offset: int, data: memoryview, fua: bool) -> None:
+    def write_now(self, offset: int, data: bytes | bytearray | memoryview, fua: bool) -> None:
+        view = memoryview(data).cast("B")
+        position = self.offset + offset
+        flags = os.RWF_DSYNC if fua else 0
         try:
-            written = os.pwrite(self.fd, data, self.offset + offset)
+            while view:
+                written = os.pwritev(self.fd, [view], position, flags)
+                if written <= 0:
+                    raise BackendError(f"short write on {self.path} at {offset}")
+                view = view[written:]
+                position += written
         except OSError as error:
             raise self._io_error("write", error) from None
-        if written != len(data):
-            raise BackendError(f"short write on {self.path} at {offset}")
-        if fua:
-            await self._sync(os.fdatasync)
 
-    async def flush(self) -> None:
-        await self._sync(os.fsync)
-
-    async def _sync(self, function: Callable[[int], None]) -> None:
-        loop = asyncio.get_running_loop()
+    def flush_now(self) -> None:
         try:
-            await loop.run_in_executor(self._sync_thread, function, self.fd)
+            os.fdatasync(self.fd)
         except OSError as error:
             raise self._io_error("fsync", error) from None
 
-    async def trim(self, offset: int, length: int, fua: bool) -> None:
+    def trim_now(self, offset: int, length: int, fua: bool) -> None:
         # TRIM is advisory: punch a hole in a file, leave a device's blocks alone.
         self._punch(offset, length)
         if fua:
-            await self._sync(os.fdatasync)
+            self.flush_now()
 
-    async def write_zeroes(self, offset: int, length: int, fua: bool, no_hole: bool) -> None:
+    def write_zeroes_now(self, offset: int, length: int, fua: bool, no_hole: bool) -> None:
         if no_hole or not self._punch(offset, length):
-            zeroes = bytes(min(length, 1 << 20))
+            zeroes = memoryview(bytes(min(length, 1 << 20)))
             position = offset
             while position < offset + length:
                 piece = min(len(zeroes), offset + length - position)
-                await self.write(position, memoryview(zeroes)[:piece], fua=False)
+                self.write_now(position, zeroes[:piece], fua=False)
                 position += piece
         if fua:
-            await self._sync(os.fdatasync)
+            self.flush_now()
+
+    # -- the BlockBackend protocol ----------------------------------------------------------
+
+    async def read(self, offset: int, length: int) -> bytes:
+        return self.read_now(offset, length)
+
+    async def write(self, offset: int, data: memoryview, fua: bool) -> None:
+        self.write_now(offset, data, fua)
+
+    async def flush(self) -> None:
+        self.flush_now()
+
+    async def trim(self, offset: int, length: int, fua: bool) -> None:
+        self.trim_now(offset, length, fua)
+
+    async def write_zeroes(self, offset: int, length: int, fua: bool, no_hole: bool) -> None:
+        self.write_zeroes_now(offset, length, fua, no_hole)
 
     def _punch(self, offset: int, length: int) -> bool:
         if self._fallocate is None:
@@ -164,6 +189,8 @@ class NbdServer:
     Requests go to ``backend`` (each carried out in its own task), or, when
     ``submit`` is given, to it with a ``respond(error, data)`` callback: that is
     how the HAST primary machine, which answers in its own time, is plugged in.
+    WRITE payloads are received straight into the request's buffer (no copy
+    between the socket and the disk write but the kernel's own).
     """
 
     def __init__(
@@ -184,91 +211,168 @@ class NbdServer:
         self.backend = backend
         self.submit = submit
         self.servers: list[asyncio.AbstractServer] = []
-        self.connections: set[asyncio.Task[None]] = set()
+        self.connections: set[NbdClientConnection] = set()
+        self.paused = False
         self.requests = 0
         self.errors = 0
 
     async def listen_unix(self, path: str | os.PathLike[str]) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        server = await asyncio.start_unix_server(self._accept, path=str(path))
+        loop = asyncio.get_running_loop()
+        server = await loop.create_unix_server(lambda: NbdClientConnection(self), path=str(path))
         os.chmod(path, 0o600)
         self.servers.append(server)
 
     async def listen_tcp(self, host: str, port: int) -> None:
-        self.servers.append(await asyncio.start_server(self._accept, host, port))
+        loop = asyncio.get_running_loop()
+        self.servers.append(
+            await loop.create_server(lambda: NbdClientConnection(self), host, port)
+        )
+
+    def pause_reading(self) -> None:
+        """Take no new requests (the replication link is backed up)."""
+        self.paused = True
+        for connection in self.connections:
+            connection.pause()
+
+    def resume_reading(self) -> None:
+        self.paused = False
+        for connection in self.connections:
+            connection.resume()
 
     async def close(self) -> None:
         for server in self.servers:
             server.close()
-        for task in list(self.connections):
-            task.cancel()
+        for connection in list(self.connections):
+            connection.abort()
         for server in self.servers:
             await server.wait_closed()
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self.connections.add(task)
-        try:
-            await self._serve(reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            self.connections.discard(task)
-            writer.close()
-            with contextlib.suppress(ConnectionError, OSError):
-                await writer.wait_closed()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        machine = NbdServerConnection([self.export], default_export=self.export.name)
-        in_flight: set[asyncio.Task[None]] = set()
-        writer.write(machine.data_to_send())
-        closing = False
-        while not closing:
-            data = await reader.read(READ_CHUNK)
-            for event in machine.receive_data(data):
-                if isinstance(event, Request):
-                    if event.command == NbdCommand.DISC:
-                        continue
-                    self.requests += 1
-                    if self.submit is not None:
-                        self.submit(event, self._responder(machine, event, writer))
-                        continue
-                    request_task = asyncio.ensure_future(self._carry_out(machine, event, writer))
-                    in_flight.add(request_task)
-                    request_task.add_done_callback(in_flight.discard)
-                elif isinstance(event, RequestRejected):
-                    self.errors += 1
-                    log.debug("refused %s: %s", event.command, event.reason)
-                elif isinstance(event, Disconnect):
-                    closing = True
-                    if not event.clean:
-                        log.info("NBD client gone: %s", event.reason)
-            pending = machine.data_to_send()
+class NbdClientConnection(asyncio.BufferedProtocol):
+    """One client: bytes in through the NBD machine, requests out to the server's
+    backend or submit function, replies back in completion order."""
+
+    def __init__(self, server: NbdServer) -> None:
+        self.server = server
+        self.machine = NbdServerConnection([server.export], default_export=server.export.name)
+        self.scratch = bytearray(READ_CHUNK)
+        self.into_payload = False
+        self.transport: asyncio.Transport | None = None
+        self.in_flight = 0
+        self.closing = False
+        self.write_paused = False
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    # -- asyncio.BufferedProtocol -----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but behave as one.
+        self.transport = typing.cast(asyncio.Transport, transport)
+        self.server.connections.add(self)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.transport.write(self.machine.data_to_send())
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        payload = self.machine.payload_buffer()
+        if payload is not None:
+            self.into_payload = True
+            return payload
+        self.into_payload = False
+        return memoryview(self.scratch)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.into_payload:
+            events = self.machine.payload_received(nbytes)
+        else:
+            events = self.machine.receive_data(memoryview(self.scratch)[:nbytes])
+        self._handle(events)
+
+    def eof_received(self) -> bool:
+        self._handle(self.machine.receive_data(b""))
+        return True  # keep our side open until the answers are out
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+        self.closing = True
+        for task in list(self.tasks):
+            task.cancel()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self.pause()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if not self.server.paused:
+            self.resume()
+
+    def pause(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self.transport is not None and not self.closing and not self.write_paused:
+            self.transport.resume_reading()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def _handle(self, events: list[NbdEvent]) -> None:
+        server = self.server
+        for event in events:
+            if isinstance(event, Request):
+                if event.command == NbdCommand.DISC:
+                    continue
+                server.requests += 1
+                self.in_flight += 1
+                if server.submit is not None:
+                    server.submit(event, self._responder(event))
+                else:
+                    task = asyncio.ensure_future(self._carry_out(event))
+                    self.tasks.add(task)
+                    task.add_done_callback(self.tasks.discard)
+            elif isinstance(event, RequestRejected):
+                server.errors += 1
+                log.debug("refused %s: %s", event.command, event.reason)
+            elif isinstance(event, Disconnect):
+                self.closing = True
+                if not event.clean:
+                    log.info("NBD client gone: %s", event.reason)
+        pending = self.machine.data_to_send()
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
             if pending:
-                writer.write(pending)
-            await writer.drain()
-        if in_flight:
-            await asyncio.wait(in_flight)  # answer what was asked before the disconnect
-        with contextlib.suppress(ConnectionError):
-            await writer.drain()
+                transport.write(pending)
+            if self.closing and self.in_flight == 0:
+                transport.close()
 
-    def _responder(
-        self, machine: NbdServerConnection, request: Request, writer: asyncio.StreamWriter
-    ) -> Respond:
+    def _answer(self, request: Request, error: int, data: bytes | memoryview | None) -> None:
+        self.in_flight -= 1
+        if error:
+            self.server.errors += 1
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.writelines(self.machine.reply(request, error, data if error == 0 else None))
+        if self.closing and self.in_flight == 0:
+            transport.close()  # answer what was asked before the disconnect, then go
+
+    def _responder(self, request: Request) -> Respond:
         def respond(error: int, data: bytes | memoryview | None) -> None:
-            if error:
-                self.errors += 1
-            if not writer.is_closing():
-                writer.writelines(machine.reply(request, error, data if error == 0 else None))
+            self._answer(request, error, data)
 
         return respond
 
-    async def _carry_out(
-        self, machine: NbdServerConnection, request: Request, writer: asyncio.StreamWriter
-    ) -> None:
-        backend = self.backend
+    async def _carry_out(self, request: Request) -> None:
+        backend = self.server.backend
         assert backend is not None
         data: bytes | None = None
         error = 0
@@ -289,10 +393,7 @@ class NbdServer:
             else:
                 error = NbdError.EINVAL
         except BackendError as failure:
-            self.errors += 1
             error = failure.nbd_error
             log.warning("%s at %d+%d: %s", request.command.name, request.offset, request.length,
                         failure)  # fmt: skip
-        if writer.is_closing():
-            return
-        writer.writelines(machine.reply(request, error, data if error == 0 else None))
+        self._answer(request, error, data)

@@ -99,6 +99,8 @@ HEADER: Final = struct.Struct(">IBBHQQIIBBH")
 MAX_DATA: Final = 32 * 1024 * 1024
 #: Default limit on a message body (data + digest, or a HELLO with its bitmap).
 MAX_BODY: Final = MAX_DATA + 1024 * 1024
+#: Bodies at least this large may be received in place (WireDecoder.payload_buffer).
+IN_PLACE_MIN: Final = 64 * 1024
 NONCE_SIZE: Final = 16
 MAX_NAME: Final = 1024
 MAX_ERROR_TEXT: Final = 4096
@@ -471,6 +473,10 @@ class WireDecoder:
         self._max_body = max_body
         self._max_data = max_data
         self._failed: WireError | None = None
+        #: A large data message's body being received in place (see payload_buffer).
+        self._body: bytearray | None = None
+        self._body_filled = 0
+        self._body_fields: tuple[int, ...] = ()
 
     @property
     def buffered(self) -> int:
@@ -481,9 +487,15 @@ class WireDecoder:
         """Decode what ``data`` completes; WireError (and a dead decoder) on bad input."""
         if self._failed is not None:
             raise self._failed
+        out: list[Message] = []
+        if self._body is not None:
+            view = memoryview(data).cast("B")
+            take = min(len(view), len(self._body) - self._body_filled)
+            self._body[self._body_filled : self._body_filled + take] = view[:take]
+            out += self._body_filled_by(take)
+            data = view[take:]
         buf = self._buf
         buf += data
-        out: list[Message] = []
         pos = 0
         hsize = HEADER.size
         try:
@@ -504,6 +516,58 @@ class WireDecoder:
         if pos:
             del buf[:pos]
         return out
+
+    def payload_buffer(self) -> memoryview | None:
+        """Where the rest of a large data message's body goes, if one is pending and
+        nothing else is buffered: the I/O layer may receive straight into it and
+        call :meth:`payload_received`. None when bytes must go through :meth:`feed`.
+        """
+        if self._failed is not None:
+            return None
+        if self._body is not None:
+            return memoryview(self._body)[self._body_filled :]
+        buf = self._buf
+        hsize = HEADER.size
+        if len(buf) < hsize:
+            return None
+        fields = HEADER.unpack_from(buf, 0)
+        mtype, size, comp = fields[2], fields[7], fields[9]
+        if mtype not in _DATA or comp != 0 or size < IN_PLACE_MIN or len(buf) - hsize >= size:
+            return None
+        try:
+            self._check_header(fields)
+        except WireError as exc:
+            self._failed = exc
+            buf.clear()
+            return None
+        body = bytearray(size)
+        have = len(buf) - hsize
+        body[:have] = memoryview(buf)[hsize:]
+        buf.clear()
+        self._body, self._body_filled, self._body_fields = body, have, fields
+        return memoryview(body)[have:]
+
+    def payload_received(self, count: int) -> list[Message]:
+        """``count`` bytes were written into :meth:`payload_buffer`."""
+        if self._failed is not None:
+            raise self._failed
+        if self._body is None or count < 0 or self._body_filled + count > len(self._body):
+            raise Malformed("payload_received without a matching payload_buffer")
+        return self._body_filled_by(count)
+
+    def _body_filled_by(self, count: int) -> list[Message]:
+        assert self._body is not None
+        self._body_filled += count
+        if self._body_filled < len(self._body):
+            return []
+        body, fields = self._body, self._body_fields
+        self._body, self._body_filled, self._body_fields = None, 0, ()
+        try:
+            return [self._data_message(fields, body)]
+        except WireError as exc:
+            self._failed = exc
+            self._buf.clear()
+            raise
 
     def _check_header(self, fields: tuple[int, ...]) -> None:
         magic, version, mtype, _flags, _seq, _off, length, size, csum, comp, _err = fields
@@ -534,17 +598,23 @@ class WireDecoder:
                 if comp == 1 and size != _DIGEST_SIZE[alg]:
                     raise Malformed("a hole carries no payload")
 
-    def _message(self, fields: tuple[int, ...], body: bytes) -> Message:
+    def _data_message(
+        self, fields: tuple[int, ...], body: bytes | bytearray
+    ) -> Write | SyncData | ReadReply:
         _m, _v, mtype, flags, seq, offset, length, _size, csum, comp, error = fields
+        data = self._data(body, length, _CHECKSUM_BY_CODE[csum], _COMP_BY_CODE[comp])
+        if mtype == MsgType.WRITE:
+            return Write(seq, offset, data, flags)
+        if mtype == MsgType.SYNC_DATA:
+            return SyncData(seq, offset, data)
+        if error and length:
+            raise Malformed("a failed READ reply carries no data")
+        return ReadReply(seq, offset, data, error)
+
+    def _message(self, fields: tuple[int, ...], body: bytes) -> Message:
+        _m, _v, mtype, flags, seq, offset, length, _size, csum, _comp, error = fields
         if mtype in _DATA:
-            data = self._data(body, length, _CHECKSUM_BY_CODE[csum], _COMP_BY_CODE[comp])
-            if mtype == MsgType.WRITE:
-                return Write(seq, offset, data, flags)
-            if mtype == MsgType.SYNC_DATA:
-                return SyncData(seq, offset, data)
-            if error and length:
-                raise Malformed("a failed READ reply carries no data")
-            return ReadReply(seq, offset, data, error)
+            return self._data_message(fields, body)
         if mtype == MsgType.WRITE_ACK:
             return WriteAck(seq, flags, error)
         if mtype == MsgType.READ:
@@ -576,7 +646,9 @@ class WireDecoder:
             raise Malformed("a VERIFY request carries no digest")
         return Verify(seq, offset, length, alg, body, reply)
 
-    def _data(self, body: bytes, length: int, alg: Checksum, comp: Compression) -> memoryview:
+    def _data(
+        self, body: bytes | bytearray, length: int, alg: Checksum, comp: Compression
+    ) -> memoryview:
         dsize = _DIGEST_SIZE[alg]
         view = memoryview(body)
         sent_digest = view[:dsize]
