@@ -100,8 +100,9 @@ class RemoteError(ControlError):
 
 
 def default_run_dir() -> Path:
-    """Where daemons put their control sockets and pidfiles unless told otherwise."""
-    return Path("/run/carpool")
+    """Where daemons put their control sockets and pidfiles unless told otherwise:
+    ``$CARPOOL_RUN_DIR``, else ``/run/carpool``."""
+    return Path(os.environ.get("CARPOOL_RUN_DIR") or "/run/carpool")
 
 
 def socket_path(run_dir: str | os.PathLike[str], daemon_name: str) -> Path:

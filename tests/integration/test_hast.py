@@ -229,3 +229,26 @@ def test_verify_compares_both_disks_online_and_finds_the_extent_that_rotted() ->
                              "urlopen('http://127.0.0.1:9108/metrics').read().decode())"]).stdout
         assert 'carpool_hast_role{resource="shared_storage",role="primary"} 1.0' in metrics
         assert 'carpool_hast_operations_total{kind="writes",resource="shared_storage"}' in metrics
+
+
+@requires_tool("nbdfuse", "losetup", "mkfs.ext4")
+def test_the_primary_gets_a_dev_hast_device_that_a_mount_keeps_from_going_away() -> None:
+    with Lab() as lab:
+        node1, node2 = pair(lab, "fullsync", mount_namespace=True)
+        dev = node1.dir / "dev" / "hast"
+        replicate(node1, node2, "--dev-dir", str(dev))
+        device = dev / "shared_storage"
+        wait_until(device.is_symlink, 20, "the device link")
+        assert status(node1)["dev"] == str(device)
+        mnt = node1.dir / "mnt"
+        mnt.mkdir()
+        node1.run(["mkfs.ext4", "-q", str(device)])
+        node1.run(["mount", str(device), str(mnt)])
+        try:
+            refused = hastctl(node1, "role", "secondary", "shared_storage", check=False)
+            assert refused.returncode == 1 and "in use" in refused.stderr
+            assert status(node1)["role"] == "primary"
+        finally:
+            node1.run(["umount", str(mnt)])
+        hastctl(node1, "role", "secondary", "shared_storage")
+        assert not device.exists() and not device.is_symlink()

@@ -47,6 +47,7 @@ with file:line:column and the offending word.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import socket
 from collections.abc import Iterable, Iterator
@@ -79,6 +80,11 @@ __all__ = [
 ]
 
 DEFAULT_CONFIG_PATH = "/etc/hast.conf"
+
+
+def default_config_path() -> str:
+    """``$CARPOOL_HAST_CONF`` when set (a node of a test lab), else /etc/hast.conf."""
+    return os.environ.get("CARPOOL_HAST_CONF") or DEFAULT_CONFIG_PATH
 #: carpool's control socket; hastd's is ``uds:///var/run/hastctl``.
 DEFAULT_CONTROL = "/run/carpool/hastd.sock"
 DEFAULT_PIDFILE = "/run/carpool/hastd.pid"

@@ -7,7 +7,7 @@
     hastctl dump   [all | name ...]                                        (offline)
     hastctl verify [all | name ...]            (online: both disks compared, on the primary)
 
-``-c`` names hast.conf (default /etc/hast.conf); ``-j`` prints JSON.
+``-c`` names hast.conf (default $CARPOOL_HAST_CONF or /etc/hast.conf); ``-j`` prints JSON.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 
 from carpool.control import ControlClient, default_run_dir, socket_path
 from carpool.errors import CarpoolError
-from carpool.hast.config import HastConfig, load_config
+from carpool.hast.config import HastConfig, default_config_path, load_config
 from carpool.hast.metadata import METADATA_SIZE, decode
 from carpool.hast.provider import create_provider
 
@@ -209,7 +209,7 @@ def run(arguments: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hastctl", description="Control HAST resources.")
-    parser.add_argument("-c", dest="config", default="/etc/hast.conf")
+    parser.add_argument("-c", dest="config", default=default_config_path())
     parser.add_argument("-d", dest="debug", action="count", default=0)
     parser.add_argument("-j", "--json", action="store_true")
     parser.add_argument("--node", help="this node's name in hast.conf (default: the hostname)")

@@ -37,7 +37,8 @@ from carpool.events import Event as BusEvent
 from carpool.events import EventBus, setup_logging
 from carpool.hast import actions as act
 from carpool.hast.common import Checksum, Role
-from carpool.hast.config import HastConfig, ResourceConfig, load_config
+from carpool.hast.config import HastConfig, ResourceConfig, default_config_path, load_config
+from carpool.hast.device import AttachedDevice, DeviceError, attach, detach
 from carpool.hast.link import LinkError, PeerLink, dial, listen
 from carpool.hast.metadata import MetadataError, write_at
 from carpool.hast.nbd import Request
@@ -52,7 +53,6 @@ from carpool.service import DaemonShell, run_command
 
 log = logging.getLogger("carpool.hastd")
 DAEMON = "hastd"
-DEFAULT_CONFIG = "/etc/hast.conf"
 TICK = 0.1
 #: Seconds a shrinking activemap may wait for a client's flush before hastd flushes.
 CLEAR_INTERVAL = 5.0
@@ -352,8 +352,11 @@ class HastDaemon:
         run_dir: Path,
         metrics: str | None,
         nbd_tcp: dict[str, tuple[str, int]] | None = None,
+        dev_dir: Path | None = None,
     ):
         self.nbd_tcp = nbd_tcp or {}
+        self.dev_dir = dev_dir
+        self.devices: dict[str, AttachedDevice] = {}
         self.config = config
         self.config_path = config_path
         self.run_dir = run_dir
@@ -419,6 +422,17 @@ class HastDaemon:
         if provider is not None and not change.changed:
             provider.close()
             return self.describe(name)
+        device = self.devices.get(name)
+        if device is not None:
+            if device.in_use():
+                if provider is not None:
+                    provider.close()
+                raise CommandError(
+                    f"{name}: {device.link} is in use (mounted?); unmount it before "
+                    f"`hastctl role {role} {name}`"
+                )
+            del self.devices[name]
+            await detach(device)
         worker = self.workers.pop(name, None)
         if worker is not None:
             await worker.stop()
@@ -431,6 +445,14 @@ class HastDaemon:
         else:
             assert provider is not None
             await self._start_worker(config, provider, change.new, change.virgin)
+            if change.new is Role.PRIMARY and self.dev_dir is not None:
+                try:
+                    self.devices[name] = await attach(
+                        config.provname, self.device_dir / f"{config.provname}.sock",
+                        self.dev_dir, self.device_dir / f"{config.provname}.fuse",
+                    )  # fmt: skip
+                except DeviceError as error:
+                    log.error("%s: no %s/%s: %s", name, self.dev_dir, config.provname, error)
         self.hook(
             config, "role", {"old": change.old.value, "new": change.new.value},
             (change.old.value, change.new.value),
@@ -542,6 +564,8 @@ class HastDaemon:
         if worker is not None and machine is not None:
             entry["status"] = worker.status if isinstance(machine, PrimaryMachine) else (
                 "complete" if worker.link is not None else "degraded")  # fmt: skip
+            if name in self.devices:
+                entry["dev"] = str(self.devices[name].link)
             if isinstance(machine, PrimaryMachine):
                 entry["dirty"] = machine.dirty_bytes
                 entry["sync_bytes_sent"] = machine.sync_bytes_sent
@@ -613,6 +637,9 @@ class HastDaemon:
             finally:
                 for server in self.listeners:
                     server.close()
+                for device in list(self.devices.values()):
+                    await detach(device)
+                self.devices.clear()
                 for worker in list(self.workers.values()):
                     await worker.stop()
 
@@ -674,13 +701,18 @@ def parse_nbd_tcp(words: list[str], config: HastConfig) -> dict[str, tuple[str, 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hastd", description="HAST: replicated block devices.")
-    parser.add_argument("-c", dest="config", default=DEFAULT_CONFIG)
+    parser.add_argument("-c", dest="config", default=default_config_path())
     parser.add_argument("-d", dest="debug", action="store_true")
     parser.add_argument("-F", dest="foreground", action="store_true", help="(always foreground)")
     parser.add_argument("-P", dest="pidfile", help="(the pidfile is in --run-dir)")
     parser.add_argument("--node", help="this node's name in hast.conf (default: the hostname)")
     parser.add_argument("--run-dir", type=Path, default=default_run_dir())
     parser.add_argument("--metrics", metavar="ADDR")
+    parser.add_argument(
+        "--dev-dir", type=Path, metavar="DIR",
+        help="while a resource is primary, attach it as a block device and link DIR/<name> "
+             "to it, as FreeBSD's /dev/hast/<name> (needs nbdfuse)",
+    )  # fmt: skip
     parser.add_argument(
         "--nbd-tcp", action="append", default=[], metavar="RES=HOST:PORT",
         help="also export resource RES over NBD on TCP while it is primary (repeatable)",
@@ -693,7 +725,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(arguments.config, node=node)
         nbd_tcp = parse_nbd_tcp(arguments.nbd_tcp, config)
         daemon = HastDaemon(config, arguments.config, arguments.run_dir, arguments.metrics,
-                            nbd_tcp)  # fmt: skip
+                            nbd_tcp, arguments.dev_dir)  # fmt: skip
         # uvloop: hastd needs no netlink, and its data path gains from the faster loop.
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(daemon.run())
