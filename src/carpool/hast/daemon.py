@@ -569,6 +569,7 @@ class HastDaemon:
             if isinstance(machine, PrimaryMachine):
                 entry["dirty"] = machine.dirty_bytes
                 entry["sync_bytes_sent"] = machine.sync_bytes_sent
+                entry["resyncing"] = machine.resync is not None
                 entry["device"] = str(self.device_dir / f"{config.provname}.sock")
                 if config.name in self.nbd_tcp:
                     host, port = self.nbd_tcp[config.name]

@@ -170,36 +170,40 @@ class Node:
             _run(["ip", "netns", "exec", self.netns, "sysctl", "-q", "-w",
                   f"net.ipv6.conf.{scope}.keep_addr_on_down=1"])  # fmt: skip
         if mount_namespace:
-            # A process that holds a private mount namespace; commands enter it with nsenter.
-            holder = subprocess.Popen(
-                [
-                    "ip",
-                    "netns",
-                    "exec",
-                    self.netns,
-                    "unshare",
-                    "--mount",
-                    "--propagation",
-                    "private",
-                    "sleep",
-                    "infinity",
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-            self._mount_holder = holder
-            self.lab.remember_pid(holder.pid)
-            deadline = time.monotonic() + 5.0
-            while time.monotonic() < deadline:
-                if self._holder_ready():
-                    break
-                time.sleep(0.01)
-            else:
-                raise LabError(f"node {self.name}: its mount namespace did not come up")
-            self.lab.record.nodes[self.name]["mount_holder"] = holder.pid
-            self.lab.record.save()
+            self._hold_mount_namespace()
+
+    def _hold_mount_namespace(self) -> None:
+        """A process that holds a private mount namespace; commands enter it with nsenter."""
+        holder = subprocess.Popen(
+            ["ip", "netns", "exec", self.netns, "unshare", "--mount", "--propagation",
+             "private", "sleep", "infinity"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+        self._mount_holder = holder
+        self.lab.remember_pid(holder.pid)
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:
+            if self._holder_ready():
+                break
+            time.sleep(0.01)
+        else:
+            raise LabError(f"node {self.name}: its mount namespace did not come up")
+        self.lab.record.nodes[self.name]["mount_holder"] = holder.pid
+        self.lab.record.save()
+
+    def reboot(self) -> None:
+        """What a reboot does to a crashed node: every process ends and, with a private
+        mount namespace, its mounts go away with it (a fresh, empty one replaces it).
+        Links stay as they are: bring them up with ``lab.link_up``."""
+        self.kill_everything()
+        holder = self._mount_holder
+        if holder is not None:
+            holder.kill()
+            holder.wait(10)
+            self._hold_mount_namespace()
 
     def _holder_ready(self) -> bool:
         assert self._mount_holder is not None
