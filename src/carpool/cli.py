@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from carpool import __version__, supervisor
+from carpool import __version__, status, supervisor
 from carpool.errors import CarpoolError
 from carpool.lab import cli as lab_cli
 
@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     lab_cli.add_parser(subparsers)
     supervisor.add_parser(subparsers)
+    status.add_parser(subparsers)
     return parser
 
 
@@ -28,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
             return lab_cli.run(arguments)
         if arguments.command == "supervise":
             return supervisor.run(arguments)
+        if arguments.command == "status":
+            return status.run(arguments)
     except CarpoolError as error:
         print(f"carpool: {error}", file=sys.stderr)
         return 1

@@ -1,9 +1,11 @@
-"""``make demo``: the guide's CARP pair in a lab, failing over while a client watches.
+"""``make demo``: the guide's database server (scenario A), narrated.
 
-It builds two routers and a client in network namespaces, starts carpd on both
-routers with the guide's rc.conf lines, shows ``carpctl em0`` on each, then crashes
-the master and shows the backup taking the virtual IP. Everything is torn down at
-the end, also on failure.
+db1 and db2 run PostgreSQL on the HAST resource ``pgdata`` behind a CARP VIP,
+with the guide's devd rule and db-failover.sh. A client commits transactions
+through the VIP; db1 crashes; db2 takes over; db1 comes back, resyncs, and a
+planned failback returns the database to it. Every step is timed, and every
+transaction the client saw committed is checked in the table. The lab is torn
+down at the end, also on failure.
 """
 
 from __future__ import annotations
@@ -12,86 +14,106 @@ import os
 import sys
 import time
 
+from rich.console import Console
+from rich.table import Table
+
 from carpool.errors import CarpoolError
 from carpool.lab import Lab
-from carpool.lab.services import (
-    carpctl_text,
-    holders,
-    seed_lan,
-    start_carpd,
-    wait_carp_state,
-    write_file,
-)
+from carpool.lab.services import BIN, carp_state
+from carpool.scenarios.database import VIP, DatabaseScenario, tools_missing
 
-NODE_CONF = """\
-ifconfig_em0="inet 10.0.0.{n} netmask 255.255.255.0"
-ifconfig_em0_alias0="vhid 1 advskew {skew} pass secretpass alias 10.0.0.100/32"
-net.inet.carp.preempt=1
-"""
-VIP = "10.0.0.100"
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 110)
 
 
-def step(text: str) -> None:
-    print(f"\n== {text}", flush=True)
+class Narrator:
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+
+    def __call__(self, text: str) -> None:
+        console.print(f"[dim]{time.monotonic() - self.started:6.1f} s[/dim]  {text}")
+
+    def step(self, text: str) -> None:
+        console.print(f"\n[bold cyan]== {text}[/bold cyan]")
 
 
-def show(lab: Lab, name: str) -> None:
-    text = carpctl_text(lab.nodes[name], "em0")
-    print(f"[{name}]# carpctl em0")
-    print("\n".join("    " + line for line in text.splitlines()))
+def where(scenario: DatabaseScenario) -> Table:
+    table = Table(title="what runs where", title_justify="left")
+    for column in ("node", "CARP (vhid 1)", "HAST pgdata", "PostgreSQL"):
+        table.add_column(column)
+    for name, node in scenario.db.items():
+        hast = scenario.hast(node)
+        postgres = "running" if scenario.postgres_running(node) else "-"
+        table.add_row(name, carp_state(node) or "down",
+                      f"{hast.get('role', 'down')} {hast.get('status', '')}",
+                      postgres)  # fmt: skip
+    return table
 
 
-def run_demo() -> None:
+def run_demo() -> bool:
+    narrate = Narrator()
     with Lab() as lab:
-        step("a LAN with node1 (10.0.0.1), node2 (10.0.0.2) and a client (10.0.0.10)")
-        seed_lan(lab)
-        print(lab.describe())
-        node1, node2, client = (lab.nodes[n] for n in ("node1", "node2", "client"))
-        step("carpd on both routers, with the guide's lines (advskew 0 and 100)")
-        for node, skew in ((node1, 0), (node2, 100)):
-            conf = write_file(node, "rc.conf", NODE_CONF.format(n=node.index, skew=skew))
-            print(f"[{node.name}] {conf.name}:")
-            print("\n".join("    " + line for line in conf.read_text().splitlines()))
-            start_carpd(node, conf)
-            wait_carp_state(node, "MASTER" if skew == 0 else "BACKUP")
-        show(lab, "node1")
-        show(lab, "node2")
-        print(f"client -> {VIP}: {'answers' if client.ping(VIP) else 'NO ANSWER'}"
-              f" (VIP on {', '.join(holders(lab, VIP))})")  # fmt: skip
-        step("node1 crashes: its link goes down and its processes are killed")
-        started = time.monotonic()
-        lab.crash(node1)
-        wait_carp_state(node2, "MASTER")
-        print(f"node2 is MASTER {time.monotonic() - started:.1f} s later (3 x advbase + 100/256)")
-        show(lab, "node2")
-        print(f"client -> {VIP}: {'answers' if client.ping(VIP) else 'NO ANSWER'}"
-              f" (VIP on {', '.join(holders(lab, VIP))})")  # fmt: skip
-        step("node1 comes back: with preempt it takes the VIP again")
-        lab.link_up(node1, "em0")
-        start_carpd(node1, node1.dir / "rc.conf")
-        wait_carp_state(node1, "MASTER", timeout=30)
-        wait_carp_state(node2, "BACKUP")
-        show(lab, "node1")
-        step("a planned handover: carpctl em0 vhid 1 state backup on node1")
-        carpctl_text(node1, "set", "net.inet.carp.preempt=0")
-        started = time.monotonic()
-        carpctl_text(node1, "em0", "vhid", "1", "state", "backup")
-        wait_carp_state(node2, "MASTER")
-        print(f"node2 is MASTER {time.monotonic() - started:.2f} s later (the leave advert)")
-        step("tearing the lab down")
-    print("done: nothing of the lab is left")
+        scenario = DatabaseScenario(lab, narrate)
+        try:
+            narrate.step("bringing up the guide's database pair")
+            scenario.bring_up()
+            console.print(where(scenario))
+            db1 = scenario.db["db1"]
+            status = db1.run([str(BIN / "carpool"), "status", "--run-dir", str(db1.dir)]).stdout
+            console.print("[bold]db1# carpool status[/bold]")
+            console.print(status.rstrip())
+            narrate.step("a client writes through the VIP")
+            scenario.start_client()
+            scenario.wait_for_commits(50)
+            narrate(f"{len(scenario.committed())} transactions committed so far")
+            narrate.step("db1 crashes")
+            outage = scenario.crash("db1")
+            scenario.wait_for_commits(30)
+            after_crash = scenario.verify()
+            narrate(f"verified: {after_crash.present} of {after_crash.committed} committed "
+                    "transactions are in the table")  # fmt: skip
+            console.print(where(scenario))
+            narrate.step("db1 comes back")
+            scenario.recover("db1")
+            resynced = scenario.hast(scenario.db["db2"]).get("sync_bytes_sent", 0)
+            narrate.step("planned failback to db1")
+            failback = scenario.failback("db1")
+            scenario.wait_for_commits(30)
+            client = scenario.stop_client()
+            final = scenario.verify()
+            console.print(where(scenario))
+        finally:
+            scenario.stop_client()
+        narrate.step("summary")
+        summary = Table(show_header=False)
+        summary.add_row("database unavailable after db1's crash", f"{outage:.1f} s")
+        summary.add_row("resync when db1 returned", f"{resynced / 1048576:.1f} MiB")
+        summary.add_row("planned failback", f"{failback:.1f} s")
+        summary.add_row("transactions committed by the client", str(client.get("committed")))
+        summary.add_row("longest wait for a commit", f"{client.get('longest_gap_s')} s")
+        summary.add_row("committed transactions missing", str(len(final.missing)))
+        console.print(summary)
+        ok = after_crash.ok and final.ok
+        verdict = "[bold green]no committed transaction lost[/bold green]" if ok else (
+            "[bold red]committed transactions are missing[/bold red]")  # fmt: skip
+        console.print(verdict)
+        narrate("tearing the lab down")
+    console.print(f"done: the lab is gone (the VIP {VIP} only ever existed inside it)")
+    return ok
 
 
 def main() -> int:
     if os.geteuid() != 0:
         print("demo: run as root (the lab uses network namespaces)", file=sys.stderr)
         return 1
+    missing = tools_missing()
+    if missing:
+        print(f"demo: {', '.join(missing)} missing: run `make setup`", file=sys.stderr)
+        return 1
     try:
-        run_demo()
+        return 0 if run_demo() else 1
     except (CarpoolError, AssertionError) as error:
         print(f"demo: {error}", file=sys.stderr)
         return 1
-    return 0
 
 
 if __name__ == "__main__":

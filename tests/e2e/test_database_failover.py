@@ -4,9 +4,12 @@ No transaction the client saw committed may be missing at any point."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from carpool.lab import Lab
+from carpool.lab.services import BIN
 from carpool.scenarios.database import DatabaseScenario, tools_missing
 
 pytestmark = pytest.mark.skipif(bool(tools_missing()),
@@ -18,6 +21,13 @@ def test_crash_failover_resync_and_failback_lose_no_committed_transaction() -> N
         scenario = DatabaseScenario(lab)
         try:
             scenario.bring_up()
+            db1 = scenario.db["db1"]
+            view = json.loads(db1.run([str(BIN / "carpool"), "status", "-j", "--run-dir",
+                                       str(db1.dir)]).stdout)  # fmt: skip
+            assert set(view) == {"carpd", "hastd", "devd"}
+            assert view["hastd"][0]["role"] == "primary"
+            vhids = view["carpd"]["interfaces"]["em0"]["vhids"]
+            assert vhids[0]["state"] == "MASTER"
             scenario.start_client()
             scenario.wait_for_commits(40)
             scenario.crash("db1")

@@ -182,6 +182,13 @@ class DatabaseScenario:
                                   "SELECT 1"], check=False, timeout=10)  # fmt: skip
         return result.returncode == 0 and result.stdout.strip() == "1"
 
+    def postgres_running(self, node: Node) -> bool:
+        """pg_ctl status on the node's own data directory (its own mount namespace)."""
+        pg_ctl = f"/usr/lib/postgresql/{self.version}/bin/pg_ctl"
+        result = node.run(["runuser", "-u", "postgres", "--", pg_ctl, "status", "-D",
+                           self.pgdata], check=False)  # fmt: skip
+        return result.returncode == 0
+
     def who_serves(self) -> str:
         for name, node in self.db.items():
             if carp_state(node) == "MASTER":
