@@ -76,6 +76,7 @@ class PeerLink(asyncio.BufferedProtocol):
         self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._scratch = bytearray(READ_CHUNK)
         self._into_payload = False
+        self._outbox: list[bytes | bytearray | memoryview] = []
 
     # -- asyncio.BufferedProtocol -----------------------------------------------------------
 
@@ -171,8 +172,16 @@ class PeerLink(asyncio.BufferedProtocol):
             return
         buffers = encode(message, checksum=self.checksum, compression=self.compression)
         self.bytes_sent += sum(len(b) for b in buffers)
-        self.transport.writelines(buffers)
+        # Everything sent while the loop runs this callback leaves in one system call.
+        if not self._outbox:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._outbox += buffers
         self.last_sent = time.monotonic()
+
+    def _flush(self) -> None:
+        outbox, self._outbox = self._outbox, []
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(outbox)
 
     def send_raw(self, data: bytes) -> None:
         """Bytes as they are (tests use it to play a peer that speaks garbage)."""
@@ -182,9 +191,13 @@ class PeerLink(asyncio.BufferedProtocol):
     @property
     def needs_drain(self) -> bool:
         """Whether the socket's send buffer is past its high-water mark."""
-        return self.transport is not None and self.transport.get_write_buffer_size() > DRAIN_ABOVE
+        if self.transport is None:
+            return False
+        queued = self.transport.get_write_buffer_size() + sum(len(b) for b in self._outbox)
+        return queued > DRAIN_ABOVE
 
     async def drain(self) -> None:
+        self._flush()
         if self._error is not None and self.transport is not None and self.transport.is_closing():
             raise self._error
         while self._writable is not None and not self._writable.done():
@@ -216,6 +229,7 @@ class PeerLink(asyncio.BufferedProtocol):
 
     async def close(self) -> None:
         if self.transport is not None:
+            self._flush()
             self.transport.close()
             await self._closed
 

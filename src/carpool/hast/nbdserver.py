@@ -263,6 +263,7 @@ class NbdClientConnection(asyncio.BufferedProtocol):
         self.in_flight = 0
         self.closing = False
         self.write_paused = False
+        self.outbox: list[bytes | memoryview] = []
         self.tasks: set[asyncio.Task[None]] = set()
 
     # -- asyncio.BufferedProtocol -----------------------------------------------------------
@@ -351,7 +352,7 @@ class NbdClientConnection(asyncio.BufferedProtocol):
         if transport is not None and not transport.is_closing():
             if pending:
                 transport.write(pending)
-            if self.closing and self.in_flight == 0:
+            if self.closing and self.in_flight == 0 and not self.outbox:
                 transport.close()
 
     def _answer(self, request: Request, error: int, data: bytes | memoryview | None) -> None:
@@ -361,7 +362,17 @@ class NbdClientConnection(asyncio.BufferedProtocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        transport.writelines(self.machine.reply(request, error, data if error == 0 else None))
+        # Replies completed in one turn of the loop leave in one system call.
+        if not self.outbox:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self.outbox += self.machine.reply(request, error, data if error == 0 else None)
+
+    def _flush(self) -> None:
+        outbox, self.outbox = self.outbox, []
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.writelines(outbox)
         if self.closing and self.in_flight == 0:
             transport.close()  # answer what was asked before the disconnect, then go
 
