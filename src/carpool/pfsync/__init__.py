@@ -1,0 +1,1 @@
+"""pfsyncd: conntrack state synchronisation between two routers (FreeBSD's pfsync for Linux)."""
