@@ -99,11 +99,12 @@ def test_unsupported_parts_and_bad_files_are_refused_clearly() -> None:
         result = node.run([sys.executable, "-m", "carpool.relayd.daemon", "-n", "-f", str(bad)],
                           check=False)  # fmt: skip
         assert result.returncode == 1 and "bad.conf:3" in result.stderr, result.stderr
-        redirect = write_file(
-            node, "redirect.conf",
+        routed = write_file(
+            node, "route.conf",
             'table <t> { 10.0.0.1 }\nredirect "w" {\n  listen on 10.0.0.5 port 80\n'
-            '  forward to <t> port 8080 check tcp\n}\n',
+            '  route to <t> port 8080 check tcp interface em0\n}\n',
         )  # fmt: skip
-        result = node.run([sys.executable, "-m", "carpool.relayd.daemon", "-f", str(redirect),
+        result = node.run([sys.executable, "-m", "carpool.relayd.daemon", "-f", str(routed),
                            "--run-dir", str(node.dir)], check=False)  # fmt: skip
-        assert result.returncode == 1 and "not served yet" in result.stderr
+        assert result.returncode == 1 and "route to is not supported" in result.stderr, \
+            result.stderr

@@ -252,8 +252,9 @@ def test_macro_may_hold_several_tokens_and_glue() -> None:
     )
     assert [(h.name, h.retry) for h in cfg.table("t").hosts] == [("10.0.0.1", 2), ("10.0.0.2", 0)]
     assert cfg.relay("r").listen[0].address == "127.0.0.1"
-    assert cfg.relay("r").forwards[0].table is not None
-    assert cfg.relay("r").forwards[0].table.port == 80
+    table = cfg.relay("r").forwards[0].table
+    assert table is not None
+    assert table.port == 80
 
 
 def test_macro_values_are_not_expanded_again() -> None:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -72,6 +73,8 @@ __all__ = [
     "parse_response_head",
     "request_framing",
     "response_framing",
+    "scan_response_head",
+    "scan_response_length",
 ]
 
 Headers = list[tuple[bytes, bytes]]
@@ -273,6 +276,59 @@ def parse_response_head(
     except UnsupportedVersion as e:
         raise BadResponse(str(e)) from None
     return ResponseHead(int(code), reason, ver, _parse_fields(lines[1:], BadResponse)), used
+
+
+_RESPONSE = re.compile(
+    rb"HTTP/1\.[01] ([2-5][0-9][0-9])(?: [\t\x20-\x7e\x80-\xff]*)?(?=\r\n)"
+    rb"(?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*)*\r\n\r\n"
+)
+
+
+_FRAMING_FIELDS = re.compile(rb"\r\n(content-length|transfer-encoding):([^\r]*)", re.IGNORECASE)
+
+
+def scan_response_length(
+    buf: bytes | bytearray, request_method: bytes, headerlen: int = DEFAULT_HEADERLEN
+) -> tuple[int, int, int] | None:
+    """``(status, content length, head length)`` when the response at the front of
+    ``buf`` is the plain kind (a final status, one Content-Length, nothing unusual),
+    else None: then :func:`scan_response_head` has the answer."""
+    match = _RESPONSE.match(buf)
+    if match is None:
+        return None
+    used = match.end()
+    if used - 4 > headerlen:
+        return None
+    found = _FRAMING_FIELDS.findall(buf, 0, used - 2)
+    if len(found) != 1 or request_method == b"HEAD" or request_method == b"CONNECT":
+        return None
+    name, value = found[0]
+    value = value.strip(_OWS)
+    status = int(match[1])
+    if name.lower() != b"content-length" or status == 204 or status == 304 \
+            or not value.isdigit() or len(value) > 18:
+        return None
+    return status, int(value), used
+
+
+def scan_response_head(
+    buf: bytes | bytearray, request_method: bytes, headerlen: int = DEFAULT_HEADERLEN
+) -> tuple[int, BodyFraming, int] | None:
+    """Status, body framing and head length of the response at the front of ``buf``,
+    for relays that forward the head unchanged; None while incomplete.
+
+    The common case (status line ``HTTP/1.x NNN``, one plain Content-Length, no
+    Transfer-Encoding) is read with a few whole-head searches; anything else goes
+    through :func:`parse_response_head` and :func:`response_framing`, so the
+    verdict is always theirs.  Raises :class:`HttpError` subclasses only."""
+    quick = scan_response_length(buf, request_method, headerlen)
+    if quick is not None:
+        return quick[0], BodyFraming(FramingKind.LENGTH, quick[1]), quick[2]
+    parsed = parse_response_head(buf, headerlen)
+    if parsed is None:
+        return None
+    head_obj, used = parsed
+    return head_obj.status, response_framing(head_obj, request_method), used
 
 
 def _content_length(values: list[bytes], err: type[HttpError]) -> int:
