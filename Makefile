@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMPS := .setup
 
-.PHONY: setup demo demo-carp soak test lint typecheck unit integration clean-lab clean
+.PHONY: setup demo demo-lb demo-carp soak test lint typecheck unit integration clean-lab clean
 
 setup: $(STAMPS)/apt $(STAMPS)/venv
 
@@ -33,6 +33,9 @@ $(STAMPS)/venv: pyproject.toml
 
 demo: setup
 	$(PY) -m carpool.demo
+
+demo-lb: setup
+	$(PY) -m carpool.demo_lb
 
 demo-carp: setup
 	$(PY) -m carpool.demo_carp

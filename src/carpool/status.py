@@ -74,7 +74,24 @@ def _generic(status: Any) -> list[str]:
     return [json.dumps(status)[:200]]
 
 
-FORMATTERS: dict[str, Callable[[Any], list[str]]] = {"carpd": _carpd, "hastd": _hastd}
+def _relayd(status: Any) -> list[str]:
+    lines = []
+    for kind in ("redirects", "relays", "tables"):
+        for entry in status.get(kind, []) if isinstance(status, dict) else []:
+            if not isinstance(entry, dict):
+                continue
+            name = entry.get("name", "?")
+            state = "disabled" if entry.get("disabled") else entry.get("status", "active")
+            hosts = entry.get("hosts")
+            up = (f", {sum(1 for h in hosts if h.get('status') == 'up')}/{len(hosts)} hosts up"
+                  if isinstance(hosts, list) else "")  # fmt: skip
+            lines.append(f"{kind[:-1]} {name}: {state}{up}")
+    return lines or _generic(status)
+
+
+FORMATTERS: dict[str, Callable[[Any], list[str]]] = {
+    "carpd": _carpd, "hastd": _hastd, "relayd": _relayd,
+}  # fmt: skip
 
 
 def render(found: dict[str, Any]) -> str:

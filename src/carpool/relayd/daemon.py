@@ -688,6 +688,7 @@ class RelaydDaemon:
     async def run(self) -> None:
         handlers = {
             "show": self.cmd_show,
+            "status": self.cmd_show,
             "sessions": self.cmd_sessions,
             "host": self.cmd_host,
             "table": self.cmd_table,
