@@ -9,6 +9,7 @@ collides.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import secrets
@@ -128,7 +129,13 @@ class Pools:
 
 @pytest.fixture(scope="module")
 def pools(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pools]:
-    work = tmp_path_factory.mktemp("zfs")
+    with zfs_pools(tmp_path_factory.mktemp("zfs")) as made:
+        yield made
+
+
+@contextlib.contextmanager
+def zfs_pools(work: Path) -> Iterator[Pools]:
+    """Two file-backed pools (and the daemon, when none runs); everything removed after."""
     daemon: Daemon | None = None
     if not _daemon_running():
         daemon = Daemon(work / "zfs-fuse.pid")

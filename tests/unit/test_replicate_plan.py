@@ -902,3 +902,34 @@ def test_reverse_then_failback_properties(scenario: tuple[World, ReplicationPoli
     assert not back.refused, back.reason
     world.apply(back.steps)
     assert a.snaps[-1].name == "final" and a.snaps[-1].origin == b.snaps[-1].origin
+
+
+# --------------------------------------------------------------------------- reused names
+
+
+def test_a_name_reused_after_pruning_is_refused_not_sent() -> None:
+    """The source pruned a name and reused it within the same second; the target kept the old."""
+    reused, base = "autorep-20260409-120000", "autorep-20260409-120000-1"
+    source = [
+        ZfsSnapshot("p/a", base, guid=2, createtxg=2),
+        ZfsSnapshot("p/a", reused, guid=3, createtxg=3),
+    ]
+    target = [
+        ZfsSnapshot("q/a", reused, guid=1, createtxg=1),
+        ZfsSnapshot("q/a", base, guid=2, createtxg=2),
+    ]
+    plan = plan_replication(source, target, ReplicationPolicy(), now=T0 + timedelta(hours=1))
+    assert plan.refused
+    assert reused in plan.reason and "reused" in plan.reason and not plan.steps
+
+
+def test_reverse_and_failback_refuse_a_name_the_peer_has() -> None:
+    source = [ZfsSnapshot("p/a", name_at(0), guid=1, createtxg=1)]
+    target = [
+        ZfsSnapshot("q/a", name_at(0), guid=1, createtxg=1),
+        ZfsSnapshot("q/a", name_at(1), guid=7, createtxg=2),
+    ]
+    with pytest.raises(PlanError, match="unique on both sides"):
+        plan_reverse(source, target, ReplicationPolicy(), new_snapshot=name_at(1), aside="x")
+    with pytest.raises(PlanError, match="unique on both sides"):
+        plan_failback(source, target, ReplicationPolicy(), final_snapshot=name_at(1))

@@ -347,3 +347,25 @@ def test_btrfs_parsers_never_crash_unexpectedly(text: str) -> None:
         parse_btrfs_subvolume_list(text)
     with contextlib.suppress(SnapshotParseError):
         parse_btrfs_subvolume_show(text)
+
+
+@given(st.lists(st.booleans(), min_size=1, max_size=30), st.integers(1, 5))
+def test_names_of_one_second_never_reuse_a_pruned_name(prunes: list[bool], keep: int) -> None:
+    """Snapshots taken within one second, pruned down to ``keep`` as they go: every new
+    name is unseen and sorts after every name still there (by its counter)."""
+    when = datetime(2026, 1, 1)
+    alive: list[str] = []
+    seen: set[str] = set()
+
+    def counter(name: str) -> int:
+        tail = name.rsplit("-", 1)[-1]
+        return int(tail) if name.count("-") == 3 else 0
+
+    for prune in prunes:
+        name = unique_snapshot_name("autorep", when, set(alive))
+        assert name not in seen
+        assert all(counter(name) > counter(other) for other in alive)
+        seen.add(name)
+        alive.append(name)
+        if prune:
+            del alive[: max(0, len(alive) - keep)]

@@ -84,8 +84,9 @@ class BtrfsCli:
     def snapshot(self, live: str, dest: str, *, readonly: bool = True) -> None:
         self._run("subvolume", "snapshot", *(["-r"] if readonly else []), live, dest)
 
-    def delete(self, path: str) -> None:
-        self._run("subvolume", "delete", "--commit-after", path)
+    def delete(self, path: str, *, commit: bool = False) -> None:
+        """``btrfs subvolume delete``; with ``commit`` it waits for the transaction (slow)."""
+        self._run("subvolume", "delete", *(["--commit-after"] if commit else []), path)
 
     def set_readonly(self, path: str, readonly: bool) -> None:
         """``btrfs property set -ts PATH ro``; refused (by btrfs) on a received snapshot."""

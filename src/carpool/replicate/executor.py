@@ -4,7 +4,9 @@
 (``source`` / ``target``), and stops at the first failure with an
 :class:`ExecutionError` that names the step. A :class:`Send` is started
 together with the :class:`Receive` that follows it and the stream is copied
-between them by :func:`carpool.replicate.transport.pipe`. Nothing is run
+between them by :func:`carpool.replicate.transport.pipe`. The holds,
+releases, properties and pruning that end a plan run as one chain per side,
+the two chains at once (they depend only on their own side). Nothing is run
 that the plan does not contain; the only extra commands are read-only
 (listing the target before a :class:`Rollback`, to check that ``-r``
 destroys exactly the snapshots the plan says).
@@ -16,6 +18,7 @@ a sibling of it (same parent), as :mod:`carpool.replicate.plan` defines.
 from __future__ import annotations
 
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,10 +42,17 @@ from carpool.replicate.plan import (
     Snapshot,
     Step,
 )
-from carpool.replicate.transport import PipeError, TokenBucket, pipe
+from carpool.replicate.transport import PipeError, TokenBucket, compressed, pipe
 from carpool.replicate.zfs import ZfsCli
 
-__all__ = ["ExecutionError", "ExecutionReport", "TargetModified", "execute"]
+__all__ = [
+    "ExecutionError",
+    "ExecutionReport",
+    "TargetModified",
+    "bookkeeping_only",
+    "execute",
+    "run_sides_at_once",
+]
 
 
 class ExecutionError(CarpoolError):
@@ -65,9 +75,12 @@ class TargetModified(ExecutionError):
 
 @dataclass(frozen=True)
 class ExecutionReport:
+    """Bytes streamed, steps run, seconds for the plan and for its streams alone."""
+
     bytes_sent: int
     steps_done: int
     seconds: float
+    stream_seconds: float = 0.0
 
 
 def _describe(step: Step) -> str:
@@ -138,7 +151,11 @@ def _run_step(sides: _Sides, step: Step) -> None:
         if step.kind == "snapshot":
             cli.rename(sides.snap(step.side, step.old), sides.snap(step.side, step.new))
         else:
-            cli.rename(sides.ds(step.side, step.old), sides.ds(step.side, step.new))
+            # zfs-fuse answers "dataset is busy" for as long as the dataset stays mounted
+            old, new = sides.ds(step.side, step.old), sides.ds(step.side, step.new)
+            cli.umount(old)
+            cli.rename(old, new)
+            cli.mount(new)
     else:  # Send/Receive are handled as a pair by execute()
         raise CarpoolError(f"{_describe(step)} cannot run on its own")
 
@@ -149,11 +166,14 @@ def _transfer(
     recv: Receive,
     progress: Callable[[int], None] | None,
     limit: float | None,
+    compression: str = "none",
 ) -> int:
     sender = sides.cli[send.side]
     receiver = sides.cli[recv.side]
-    send_argv = sender.send_argv(send, sides.ds(send.side))
-    recv_argv = receiver.recv_argv(recv, sides.ds(recv.side))
+    send_argv = compressed(sender.send_argv(send, sides.ds(send.side)), compression, sending=True)
+    recv_argv = compressed(
+        receiver.recv_argv(recv, sides.ds(recv.side)), compression, sending=False
+    )
     recv_proc = receiver.endpoint.start(recv_argv, stdin=subprocess.PIPE)
     try:
         send_proc = sender.endpoint.start(send_argv, stdout=subprocess.PIPE)
@@ -176,20 +196,26 @@ def execute(
     *,
     progress: Callable[[int], None] | None = None,
     limit: float | None = None,
+    compression: str = "none",
 ) -> ExecutionReport:
     """Run ``plan`` (which must not be refused); stop at the first failing step.
 
     ``progress`` gets the running byte count of the current stream, ``limit``
-    caps streams at that many bytes per second.
+    caps streams at that many bytes per second, ``compression`` (``zstd``,
+    ``lz4``...) compresses each stream on the sending host.
     """
     plan.require()
     sides = _Sides(source, target, source_dataset, target_dataset)
     started = time.monotonic()
     sent = 0
+    streaming = 0.0
     done = 0
     steps = plan.steps
     index = 0
     while index < len(steps):
+        if bookkeeping_only(steps[index:]):
+            done += _run_sides_at_once(sides, steps, index, done)
+            break
         step = steps[index]
         try:
             if isinstance(step, Send):
@@ -198,7 +224,9 @@ def execute(
                     raise CarpoolError(
                         "a Send must be followed by its Receive; the plan is malformed"
                     )
-                sent += _transfer(sides, step, following, progress, limit)
+                stream_started = time.monotonic()
+                sent += _transfer(sides, step, following, progress, limit, compression)
+                streaming += time.monotonic() - stream_started
                 done += 2
                 index += 2
                 continue
@@ -230,4 +258,64 @@ def execute(
             ) from exc
         done += 1
         index += 1
-    return ExecutionReport(sent, done, time.monotonic() - started)
+    return ExecutionReport(sent, done, time.monotonic() - started, streaming)
+
+
+_BOOKKEEPING = (Hold, Release, SetProperty, Destroy, Bookmark)
+
+
+def bookkeeping_only(rest: tuple[Step, ...]) -> bool:
+    """True when ``rest`` is holds, releases, properties and pruning on both sides.
+
+    Those steps depend only on earlier steps of their own side, so the
+    source's and the target's run at the same time (two hosts, two zfs).
+    """
+    return len({s.side for s in rest}) == 2 and all(isinstance(s, _BOOKKEEPING) for s in rest)
+
+
+def _run_sides_at_once(sides: _Sides, steps: tuple[Step, ...], first: int, done: int) -> int:
+    """Run ``steps[first:]`` as one chain per side, both chains at once; the steps run."""
+    return run_sides_at_once(lambda step: _run_step(sides, step), steps, first, done)
+
+
+def run_sides_at_once(
+    run_step: Callable[[Step], None], steps: tuple[Step, ...], first: int, done: int
+) -> int:
+    """``steps[first:]`` as a source chain and a target chain run at the same time.
+
+    Each chain stops at its first failure; the earliest failing step is
+    raised as :class:`ExecutionError` once both chains ended. Returns the
+    number of steps run.
+    """
+    chains: dict[Side, list[int]] = {"source": [], "target": []}
+    for index in range(first, len(steps)):
+        chains[steps[index].side].append(index)
+    failures: list[tuple[int, CarpoolError]] = []
+    counts = {"source": 0, "target": 0}
+
+    def run_chain(side: Side) -> None:
+        for index in chains[side]:
+            try:
+                run_step(steps[index])
+            except CarpoolError as exc:
+                failures.append((index, exc))
+                return
+            counts[side] += 1
+
+    helper = threading.Thread(target=run_chain, args=("target",), daemon=True)
+    helper.start()
+    try:
+        run_chain("source")
+    finally:
+        helper.join()
+    if failures:
+        index, exc = min(failures, key=lambda item: item[0])
+        ran = done + counts["source"] + counts["target"]
+        raise ExecutionError(
+            f"step {index + 1} of {len(steps)} ({_describe(steps[index])}) failed after {ran} "
+            f"step(s) done: {exc}",
+            step=steps[index],
+            index=index,
+            steps_done=ran,
+        ) from exc
+    return counts["source"] + counts["target"]

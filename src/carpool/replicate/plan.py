@@ -671,6 +671,18 @@ def plan_replication(
             keep_keys=base_t.keys,
         )
     send_steps, received = _sends(backend, src, base_s, newest.name, policy.intermediates)
+    kept_names = set(target_names[: common.target_index + 1])
+    clash = [name for name in received if name in kept_names]
+    if clash:
+        return Plan(
+            Action.REFUSE,
+            f"the target already has a different snapshot named {_listing(clash)} (other "
+            f"{'guid' if backend == 'zfs' else 'uuid'}): a snapshot name was reused after "
+            "pruning; nothing was sent. Rename the source snapshot, or destroy the target's "
+            "old one if it may go, then run again",
+            backend,
+            base=base_t.name,
+        )
     steps += send_steps
     after = [*target_names[: common.target_index + 1], *received]
     return _finish(
@@ -834,8 +846,11 @@ def plan_reverse(
     backend = _backend(new_source, new_target)
     src = [p for p in _points(new_source, "new source") if not p.bookmark]
     tgt = [p for p in _points(new_target, "new target") if not p.bookmark]
-    if any(p.name == new_snapshot for p in src):
-        raise PlanError(f"snapshot {new_snapshot!r} already exists on the new primary")
+    if any(p.name == new_snapshot for p in [*src, *tgt]):
+        raise PlanError(
+            f"snapshot {new_snapshot!r} already exists on the new primary or its peer; "
+            "pick a name unique on both sides"
+        )
     new_point = _Point(new_snapshot, frozenset({f"new:{new_snapshot}"}), None, False, False)
     src_after = [*src, new_point]
     common = _find_common(src, tgt)
@@ -928,8 +943,11 @@ def plan_failback(
     backend = _backend(current_primary, old_primary)
     src = [p for p in _points(current_primary, "current primary") if not p.bookmark]
     tgt = [p for p in _points(old_primary, "old primary") if not p.bookmark]
-    if any(p.name == final_snapshot for p in src):
-        raise PlanError(f"snapshot {final_snapshot!r} already exists on the current primary")
+    if any(p.name == final_snapshot for p in [*src, *tgt]):
+        raise PlanError(
+            f"snapshot {final_snapshot!r} already exists on the current primary or its peer; "
+            "pick a name unique on both sides"
+        )
     common = _find_common(src, tgt)
     if common is None:
         return Plan(

@@ -128,18 +128,21 @@ def snapshot_name(prefix: str, when: datetime) -> str:
 
 
 def unique_snapshot_name(prefix: str, when: datetime, existing: Collection[str]) -> str:
-    """:func:`snapshot_name`, with ``-1``, ``-2``... appended if the name is taken.
+    """:func:`snapshot_name`, with ``-1``, ``-2``... appended if the second is taken.
 
-    Two runs within one second would otherwise collide (syncoid's
-    "dataset already exists").
+    Two runs within one second would otherwise collide (syncoid's "dataset
+    already exists"). The counter goes past the highest one in ``existing``
+    for that second, not into a gap: a name pruned a moment ago is never
+    given to a newer snapshot, so names of one second stay in creation order.
     """
     base = snapshot_name(prefix, when)
-    if base not in existing:
-        return base
-    counter = 1
-    while f"{base}-{counter}" in existing:
-        counter += 1
-    return f"{base}-{counter}"
+    highest = -1
+    for name in existing:
+        if name == base:
+            highest = max(highest, 0)
+        elif name.startswith(f"{base}-") and name[len(base) + 1 :].isdigit():
+            highest = max(highest, int(name[len(base) + 1 :]))
+    return base if highest < 0 else f"{base}-{highest + 1}"
 
 
 def parse_snapshot_name(prefix: str, name: str) -> datetime | None:

@@ -37,6 +37,7 @@ __all__ = [
     "Result",
     "Ssh",
     "TokenBucket",
+    "compressed",
     "pipe",
 ]
 
@@ -200,6 +201,35 @@ class Ssh(_Base):
         return cmd
 
 
+# --------------------------------------------------------------------------- compression
+
+COMPRESSORS = {
+    "lz4": ("lz4 -c", "lz4 -dc"),
+    "zstd": ("zstd -q -c -T0", "zstd -q -dc"),
+    "gzip": ("gzip -c", "gzip -dc"),
+    "xz": ("xz -c -T0", "xz -dc"),
+    "lzo": ("lzop -c", "lzop -dc"),
+}
+
+
+def compressed(argv: Sequence[str], compression: str, *, sending: bool) -> list[str]:
+    """``argv`` with the stream compressed on the sending host / decompressed on the receiving one.
+
+    ``bash -o pipefail`` so that a failing ``zfs send`` is not hidden by the
+    compressor's exit status. ``none`` returns ``argv`` unchanged.
+    """
+    if compression == "none":
+        return list(argv)
+    if compression not in COMPRESSORS:
+        raise CarpoolError(
+            f"compression {compression!r} is not known; use none or one of "
+            f"{', '.join(sorted(COMPRESSORS))}"
+        )
+    pack, unpack = COMPRESSORS[compression]
+    command = f"{shlex.join(argv)} | {pack}" if sending else f"{unpack} | {shlex.join(argv)}"
+    return ["bash", "-o", "pipefail", "-c", command]
+
+
 # --------------------------------------------------------------------------- rate limiting
 
 
@@ -346,6 +376,7 @@ def pipe(
         bucket = TokenBucket(limit_bytes_per_s)
     src = send_proc.stdout.fileno()
     dst = recv_proc.stdin.fileno()
+    _enlarge(src)
     _enlarge(dst)
     started = time.monotonic()
     copied = 0

@@ -146,9 +146,10 @@ class ZfsCli:
         listing = self.run(
             "list", "-H", "-o", "name", "-t", "snapshot", "-s", "creation", "-r", "-d", "1", dataset
         )
-        records = [
-            s for s in parse_zfs_list(listing.stdout, columns=("name",)) if s.dataset == dataset
-        ]
+        return self._complete(listing.stdout, dataset)
+
+    def _complete(self, listing: str, dataset: str) -> list[ZfsSnapshot]:
+        records = [s for s in parse_zfs_list(listing, columns=("name",)) if s.dataset == dataset]
         if not records:
             return []
         got = self.run(
@@ -167,6 +168,29 @@ class ZfsCli:
                 "was a snapshot destroyed while listing? list again"
             )
         return sorted(completed, key=lambda s: s.createtxg or 0)
+
+    def snapshots_if_exists(self, dataset: str) -> list[ZfsSnapshot] | None:
+        """:meth:`snapshots`, or None when ``dataset`` does not exist (one command fewer)."""
+        argv = ["list", "-H", "-o", "name", "-t", "snapshot", "-s", "creation", "-r", "-d", "1"]
+        listing = self.run(*argv, dataset, check=False)
+        if listing.returncode != 0:
+            if "does not exist" in listing.stderr:
+                return None
+            raise CommandError(
+                [self.zfs, *argv, dataset],
+                listing.returncode,
+                listing.stderr,
+                self.endpoint.describe(),
+            )
+        return self._complete(listing.stdout, dataset)
+
+    def snapshot_record(self, full_name: str) -> ZfsSnapshot:
+        """One snapshot's record (guid, createtxg, creation, userrefs) from one ``zfs get``."""
+        got = self.run("get", "-Hp", "-o", "name,property,value", _SNAPSHOT_PROPS, full_name)
+        records = zfs_snapshots_from_get(parse_zfs_get(got.stdout))
+        if len(records) != 1 or records[0].guid is None or records[0].createtxg is None:
+            raise ZfsError(f"zfs get printed no guid/createtxg for {full_name}; list it again")
+        return records[0]
 
     def get(self, dataset: str, prop: str) -> str:
         return self.run("get", "-Hp", "-o", "value", prop, dataset).stdout.rstrip("\n")
