@@ -91,6 +91,7 @@ class Bench:
     def nbdkit(self) -> Iterator[Path]:
         image = self.image("nbdkit.img")
         sock = self.p.dir / "nbdkit.sock"
+        sock.unlink(missing_ok=True)
         server = self.p.spawn(["nbdkit", "-f", "-U", str(sock), "file", f"file={image}"],
                               name="nbdkit")  # fmt: skip
         try:
@@ -152,8 +153,12 @@ class Bench:
         nbdfuse = self.p.spawn(["nbdfuse", str(fuse), "--unix", str(sock)], name="nbdfuse")
         loop = None
         try:
-            wait_until(lambda: self.p.run(["test", "-e", str(fuse / "nbd")],
-                                          check=False).returncode == 0, 20, "nbdfuse")  # fmt: skip
+            def attached() -> bool:
+                if not nbdfuse.running:
+                    raise RuntimeError(f"nbdfuse ended: {nbdfuse.output()[-500:]}")
+                return self.p.run(["test", "-e", str(fuse / "nbd")], check=False).returncode == 0
+
+            wait_until(attached, 20, "nbdfuse")
             loop = self.p.run(["losetup", "--direct-io=on", "--show", "-f",
                                str(fuse / "nbd")]).stdout.strip()  # fmt: skip
             self.lab.remember_loop_device(loop, str(fuse / "nbd"))

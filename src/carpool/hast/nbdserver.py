@@ -264,6 +264,7 @@ class NbdClientConnection(asyncio.BufferedProtocol):
         self.closing = False
         self.write_paused = False
         self.outbox: list[bytes | memoryview] = []
+        self.batching = False
         self.tasks: set[asyncio.Task[None]] = set()
 
     # -- asyncio.BufferedProtocol -----------------------------------------------------------
@@ -291,7 +292,14 @@ class NbdClientConnection(asyncio.BufferedProtocol):
             events = self.machine.payload_received(nbytes)
         else:
             events = self.machine.receive_data(memoryview(self.scratch)[:nbytes])
-        self._handle(events)
+        # Requests answered while these bytes are handled leave together, at the end.
+        self.batching = True
+        try:
+            self._handle(events)
+        finally:
+            self.batching = False
+            if self.outbox:
+                self._flush()
 
     def eof_received(self) -> bool:
         self._handle(self.machine.receive_data(b""))
@@ -363,16 +371,19 @@ class NbdClientConnection(asyncio.BufferedProtocol):
         if transport is None or transport.is_closing():
             return
         # Replies completed in one turn of the loop leave in one system call.
-        if not self.outbox:
+        if not self.outbox and not self.batching:
             asyncio.get_running_loop().call_soon(self._flush)
         self.outbox += self.machine.reply(request, error, data if error == 0 else None)
 
     def _flush(self) -> None:
         outbox, self.outbox = self.outbox, []
         transport = self.transport
-        if transport is None or transport.is_closing():
+        if not outbox or transport is None or transport.is_closing():
             return
-        transport.writelines(outbox)
+        if len(outbox) == 1:
+            transport.write(outbox[0])
+        else:
+            transport.writelines(outbox)
         if self.closing and self.in_flight == 0:
             transport.close()  # answer what was asked before the disconnect, then go
 
