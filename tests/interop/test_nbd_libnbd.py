@@ -129,8 +129,9 @@ def test_nbdcopy_with_many_requests_in_flight_lands_byte_for_byte(
 @requires_tool("qemu-io", "qemu-img")
 def test_qemu_reads_writes_and_sizes_the_export(export: tuple[Path, str, ServerThread]) -> None:
     backing, uri, _ = export
-    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", uri],
-                                     check=True, capture_output=True, text=True).stdout)  # fmt: skip
+    shown = subprocess.run(["qemu-img", "info", "--output=json", uri], check=True,
+                           capture_output=True, text=True)  # fmt: skip
+    info = json.loads(shown.stdout)
     assert info["virtual-size"] == SIZE
     script = ["-c", "write -P 0x5a 1M 192k", "-c", "flush", "-c", "read -P 0x5a 1M 192k",
               "-c", "write -z 4M 64k", "-c", "read -P 0 4M 64k"]  # fmt: skip
