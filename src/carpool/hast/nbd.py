@@ -258,11 +258,11 @@ class Request:
 
     @property
     def fua(self) -> bool:
-        return bool(self.flags & CommandFlag.FUA)
+        return bool(self.flags & _FUA)
 
     @property
     def no_hole(self) -> bool:
-        return bool(self.flags & CommandFlag.NO_HOLE)
+        return bool(self.flags & _NO_HOLE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,6 +309,10 @@ _ALLOWED_FLAGS: dict[int, int] = {
     NbdCommand.DISC: 0,
 }
 _MODIFYING = frozenset({NbdCommand.WRITE, NbdCommand.TRIM, NbdCommand.WRITE_ZEROES})
+#: The per-request path avoids enum construction and IntFlag arithmetic (slow in CPython).
+_COMMAND_BY_VALUE: dict[int, NbdCommand] = {int(c): c for c in NbdCommand}
+_FUA = int(CommandFlag.FUA)
+_NO_HOLE = int(CommandFlag.NO_HOLE)
 
 
 def encode_simple_reply(cookie: int, error: int = 0) -> bytes:
@@ -638,7 +642,7 @@ class NbdServerConnection:
         if allowed is None:
             self._reject(events, cookie, ctype, NbdError.EINVAL, f"unknown command {ctype}")
             return 28
-        command = NbdCommand(ctype)
+        command = _COMMAND_BY_VALUE[ctype]
         if command in (NbdCommand.READ, NbdCommand.WRITE) and length > self._max_request:
             self._reject(
                 events, cookie, ctype, NbdError.EINVAL,

@@ -369,7 +369,7 @@ class PrimaryMachine:
                 op.local_busy = True
                 out.append(LocalRead(op.id, op.offset, op.length))
             return out
-        kind = _MODIFYING[nbd.NbdCommand(cmd)]
+        kind = _MODIFYING[cmd]
         self.stats["deletes" if kind == "trim" else "writes"] += 1
         op = _Op(
             self._new_id(), kind, req.offset, req.length, cookie=req.cookie,
