@@ -42,6 +42,11 @@ class AttachedDevice:
     loop: str  #: /dev/loopN
     fuse_dir: Path
     nbdfuse: asyncio.subprocess.Process
+    #: hastd's own descriptor of the loop device. With it open, ``losetup -d`` only
+    #: marks the device autoclear: the kernel releases it when the last user closes
+    #: it, so a hastd that dies (or a node that crashes with the filesystem mounted)
+    #: never leaves a loop device bound to a dead FUSE file.
+    holder_fd: int = -1
 
     def in_use(self) -> bool:
         """Whether something holds the device open exclusively (a mounted filesystem)."""
@@ -84,6 +89,8 @@ async def attach(name: str, socket: Path, dev_dir: Path, fuse_dir: Path) -> Atta
                 raise DeviceError(f"nbdfuse did not attach {socket}")
             await asyncio.sleep(0.05)
         loop_device = await _run("losetup", "--direct-io=on", "--show", "-f", str(image))
+        holder_fd = os.open(loop_device, os.O_RDONLY | os.O_CLOEXEC)
+        await _run("losetup", "-d", loop_device)  # busy (we hold it): becomes autoclear
         link = dev_dir / name
         with contextlib.suppress(FileNotFoundError):
             link.unlink()
@@ -95,17 +102,21 @@ async def attach(name: str, socket: Path, dev_dir: Path, fuse_dir: Path) -> Atta
         await _stop(nbdfuse, fuse_dir)
         raise
     log.info("%s: attached as %s (%s)", name, link, loop_device)
-    return AttachedDevice(name, link, loop_device, fuse_dir, nbdfuse)
+    return AttachedDevice(name, link, loop_device, fuse_dir, nbdfuse, holder_fd)
 
 
 async def detach(device: AttachedDevice) -> None:
     """Remove the symlink, the loop device and nbdfuse (in that order)."""
     with contextlib.suppress(FileNotFoundError):
         device.link.unlink()
-    try:
-        await _run("losetup", "-d", device.loop)
-    except DeviceError as error:
-        log.warning("%s: %s", device.name, error)
+    if device.holder_fd >= 0:
+        os.close(device.holder_fd)  # the last user: the autoclear device goes away
+        device.holder_fd = -1
+    else:
+        try:
+            await _run("losetup", "-d", device.loop)
+        except DeviceError as error:
+            log.warning("%s: %s", device.name, error)
     await _stop(device.nbdfuse, device.fuse_dir)
     log.info("%s: detached %s", device.name, device.loop)
 
