@@ -11,20 +11,27 @@ SIGHUP calling ``on_hup``. On exit all of it is undone, also after an error.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import signal
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry
-
-from carpool.control import ControlServer, Handler, socket_path, write_pidfile
 from carpool.errors import CarpoolError
-from carpool.events import EventBus
-from carpool.metrics import MetricsServer, start_metrics_server
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from prometheus_client import CollectorRegistry
+
+    from carpool.control import Handler
+    from carpool.events import EventBus
+    from carpool.metrics import MetricsServer
+
+# asyncio, prometheus_client and the control/metrics modules are imported where
+# they are used, so that a command needing only run_command (zfs-replicate run
+# from cron, the *ctl tools) does not pay for them at start-up.
 
 
 class DaemonShell:
@@ -38,6 +45,10 @@ class DaemonShell:
         metrics_address: str | None = None,
         on_hup: Callable[[], None] | None = None,
     ) -> None:
+        import asyncio
+
+        from carpool.control import ControlServer, socket_path
+
         self.name = name
         self.run_dir = run_dir
         self.server = ControlServer(socket_path(run_dir, name), handlers, bus, name)
@@ -45,13 +56,19 @@ class DaemonShell:
         self.metrics_address = metrics_address
         self.on_hup = on_hup
         self.metrics: MetricsServer | None = None
-        self.stopping = asyncio.Event()
+        self.stopping: asyncio.Event = asyncio.Event()
 
     @property
     def pidfile(self) -> Path:
         return self.run_dir / f"{self.name}.pid"
 
     async def __aenter__(self) -> DaemonShell:
+        import asyncio
+        import signal
+
+        from carpool.control import write_pidfile
+        from carpool.metrics import start_metrics_server
+
         loop = asyncio.get_running_loop()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         await self.server.start()

@@ -933,3 +933,28 @@ def test_reverse_and_failback_refuse_a_name_the_peer_has() -> None:
         plan_reverse(source, target, ReplicationPolicy(), new_snapshot=name_at(1), aside="x")
     with pytest.raises(PlanError, match="unique on both sides"):
         plan_failback(source, target, ReplicationPolicy(), final_snapshot=name_at(1))
+
+
+def test_another_tools_snapshot_as_base_releases_our_previous_holds() -> None:
+    """syncoid replicated after us: the cycle starts from its snapshot and still moves our hold."""
+    world = zfs_world([name_at(0)])
+    policy = ReplicationPolicy(source_retention=NO_RETENTION, target_retention=NO_RETENTION)
+    replicate(world, policy)
+    assert [s.holds for d in world.sides.values() for s in d.snaps] == [{"carpool"}] * 2
+    # syncoid: its own snapshot, sent -I from the common one, no holds
+    world.apply(
+        (
+            Snapshot("source", "syncoid_host_2026-11-26:12:00:00"),
+            Send("source", "incremental", "syncoid_host_2026-11-26:12:00:00", name_at(0), True),
+            Receive("target", "syncoid_host_2026-11-26:12:00:00"),
+        )
+    )
+    world.apply((Snapshot("source", name_at(5)),))
+    plan = replicate(world, policy)
+    assert plan.action is Action.INCREMENTAL
+    assert plan.base == "syncoid_host_2026-11-26:12:00:00"
+    assert Release("target", name_at(0), "carpool") in plan.steps
+    assert Release("source", name_at(0), "carpool") in plan.steps
+    for side in ("source", "target"):
+        held = [s.name for s in world.sides[side].snaps if s.holds]
+        assert held == [name_at(5)], (side, world)

@@ -21,6 +21,7 @@ import posixpath
 
 from carpool.errors import CarpoolError
 from carpool.replicate.plan import Receive, Send
+from carpool.replicate.progress import parse_du_total
 from carpool.replicate.snapshots import BtrfsSnapshot, parse_btrfs_subvolume_show
 from carpool.replicate.transport import CommandError, Endpoint, Local
 
@@ -120,6 +121,22 @@ class BtrfsCli:
             argv += ["-p", posixpath.join(directory, step.base)]
         argv.append(posixpath.join(directory, step.snapshot))
         return argv
+
+    def estimate(self, step: Send, directory: str) -> int | None:
+        """The size of a full send (``btrfs filesystem du`` of the snapshot); None otherwise.
+
+        ``btrfs send`` has no dry run; an incremental's size is unknown.
+        """
+        if step.kind != "full":
+            return None
+        path = posixpath.join(directory, step.snapshot)
+        try:
+            result = self.endpoint.run(
+                [self.btrfs, "filesystem", "du", "-s", "--raw", path], timeout=60.0, check=False
+            )
+        except CommandError:
+            return None
+        return parse_du_total(result.stdout) if result.returncode == 0 else None
 
     def recv_argv(self, step: Receive, directory: str) -> list[str]:
         """``btrfs receive DIR`` (the stream names the snapshot it creates)."""

@@ -36,6 +36,8 @@ from carpool.replicate.executor import (
     ExecutionReport,
     bookkeeping_only,
     run_sides_at_once,
+    stream_label,
+    with_reporter,
 )
 from carpool.replicate.plan import (
     Bookmark,
@@ -54,6 +56,7 @@ from carpool.replicate.plan import (
     Snapshot,
     Step,
 )
+from carpool.replicate.progress import Reporter
 from carpool.replicate.snapshots import (
     BtrfsSnapshot,
     parse_btrfs_subvolume_show,
@@ -180,6 +183,28 @@ def _transfer(
     progress: Callable[[int], None] | None,
     limit: float | None,
     compression: str = "none",
+    reporter: Reporter | None = None,
+) -> int:
+    if reporter is None:
+        return _stream(sides, send, recv, progress, limit, compression)
+    sender = sides[send.side]
+    reporter.begin(
+        stream_label(send),
+        sender.cli.estimate(send, sender.snapshot_dir),
+    )
+    try:
+        return _stream(sides, send, recv, with_reporter(progress, reporter), limit, compression)
+    finally:
+        reporter.end()
+
+
+def _stream(
+    sides: dict[str, BtrfsSide],
+    send: Send,
+    recv: Receive,
+    progress: Callable[[int], None] | None,
+    limit: float | None,
+    compression: str,
 ) -> int:
     sender = sides[send.side]
     receiver = sides[recv.side]
@@ -216,8 +241,13 @@ def execute_btrfs(
     progress: Callable[[int], None] | None = None,
     limit: float | None = None,
     compression: str = "none",
+    reporter: Reporter | None = None,
 ) -> ExecutionReport:
-    """Run ``plan`` (which must not be refused) on btrfs; stop at the first failing step."""
+    """Run ``plan`` (which must not be refused) on btrfs; stop at the first failing step.
+
+    ``reporter`` as for :func:`carpool.replicate.executor.execute` (the estimate of a full
+    send is the snapshot's ``btrfs filesystem du`` total; incrementals have none).
+    """
     plan.require()
     sides = {"source": source, "target": target}
     started = time.monotonic()
@@ -239,7 +269,7 @@ def execute_btrfs(
                         "a Send must be followed by its Receive; the plan is malformed"
                     )
                 stream_started = time.monotonic()
-                sent += _transfer(sides, step, following, progress, limit, compression)
+                sent += _transfer(sides, step, following, progress, limit, compression, reporter)
                 streaming += time.monotonic() - stream_started
                 done += 2
                 index += 2

@@ -28,7 +28,9 @@ from typing import Any
 from carpool.errors import CarpoolError
 from carpool.replicate.config import DEFAULT_PATH, Job, ReplicateConfig, load_config
 from carpool.replicate.job import CycleResult, FailoverResult, JobRunner
+from carpool.replicate.progress import Reporter, make_reporter
 from carpool.replicate.state import DEFAULT_STATE_DIR, JobState, StateStore
+from carpool.service import run_command
 
 __all__ = ["main", "status_record"]
 
@@ -106,45 +108,28 @@ class _Context:
         config = self.config()
         return [config.job(n) for n in names] if names else list(config.jobs)
 
-    def runner(self, job: Job, progress: Callable[[int], None] | None = None) -> JobRunner:
+    def runner(self, job: Job, reporter: Reporter | None = None) -> JobRunner:
+        """A runner for ``job``; the daemon's have no reporter (no progress, no estimates)."""
         return JobRunner(
             job,
             self.store,
             zfs_command=self.arguments.zfs_command,
             btrfs_command=self.arguments.btrfs_command,
             retries=self.arguments.retries,
-            progress=progress,
+            reporter=reporter,
         )
-
-
-def _progress_printer() -> Callable[[int], None] | None:
-    if not sys.stderr.isatty():
-        return None
-    last = [0.0]
-
-    def show(count: int) -> None:
-        now = time.monotonic()
-        if now - last[0] >= 0.2:
-            last[0] = now
-            print(f"\r  {_human_bytes(count)} sent", end="", file=sys.stderr, flush=True)
-
-    return show
 
 
 def command_run(context: _Context) -> int:
     failed = 0
     for job in context.jobs(context.arguments.jobs):
-        progress = None if context.arguments.quiet else _progress_printer()
+        reporter = None if context.arguments.quiet else make_reporter(prefix=f"{job.name}: ")
         try:
-            result = context.runner(job, progress).run()
+            result = context.runner(job, reporter).run()
         except CarpoolError as error:
-            if progress is not None:
-                print(file=sys.stderr)
             print(f"{PROGRAM}: {job.name}: {error}", file=sys.stderr)
             failed += 1
             continue
-        if progress is not None:
-            print("\r", end="", file=sys.stderr)
         if not context.arguments.quiet:
             print(_format_cycle(result))
     return 1 if failed else 0
@@ -181,7 +166,7 @@ def command_status(context: _Context) -> int:
 
 def command_failover(context: _Context, action: str) -> int:
     job = context.config().job(context.arguments.job)
-    runner = context.runner(job)
+    runner = context.runner(job, make_reporter(prefix=f"{job.name}: "))
     method: Callable[[], FailoverResult] = getattr(runner, action)
     result = method()
     print(_format_failover(result))
@@ -241,23 +226,6 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=text)
         sub.add_argument("job", metavar="JOB")
     return parser
-
-
-def run_command(program: str, body: Callable[[], int]) -> int:
-    """:func:`carpool.service.run_command` without importing the daemon machinery.
-
-    A ``run`` from cron or a benchmark pays for every import on each cycle, and
-    :mod:`carpool.service` pulls in asyncio and prometheus_client: a
-    :class:`CarpoolError` becomes one line on stderr and exit status 1, Ctrl-C
-    ends quietly.
-    """
-    try:
-        return body()
-    except CarpoolError as error:
-        print(f"{program}: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,6 +42,7 @@ from carpool.replicate.plan import (
     Snapshot,
     Step,
 )
+from carpool.replicate.progress import Reporter
 from carpool.replicate.transport import PipeError, TokenBucket, compressed, pipe
 from carpool.replicate.zfs import ZfsCli
 
@@ -52,6 +53,8 @@ __all__ = [
     "bookkeeping_only",
     "execute",
     "run_sides_at_once",
+    "stream_label",
+    "with_reporter",
 ]
 
 
@@ -160,6 +163,35 @@ def _run_step(sides: _Sides, step: Step) -> None:
         raise CarpoolError(f"{_describe(step)} cannot run on its own")
 
 
+def stream_label(send: Send, where: str = "") -> str:
+    """``pool/fs@new`` or ``pool/fs@new (from @base)``: what a progress line calls a stream.
+
+    Without ``where`` (btrfs, whose snapshot paths are long) only the snapshot names.
+    """
+    name = f"{where}@{send.snapshot}" if where else send.snapshot
+    if send.kind == "full" or send.base is None:
+        return name
+    mark = "#" if send.base_is_bookmark else "@"
+    return f"{name} (from {mark}{send.base})" if where else f"{name} (from {send.base})"
+
+
+def with_reporter(
+    progress: Callable[[int], None] | None, reporter: Reporter | None
+) -> Callable[[int], None] | None:
+    """The byte-count callback that feeds both ``progress`` and ``reporter``."""
+    if reporter is None:
+        return progress
+    if progress is None:
+        return reporter.update
+    update = reporter.update
+
+    def both(count: int) -> None:
+        progress(count)
+        update(count)
+
+    return both
+
+
 def _transfer(
     sides: _Sides,
     send: Send,
@@ -167,6 +199,26 @@ def _transfer(
     progress: Callable[[int], None] | None,
     limit: float | None,
     compression: str = "none",
+    reporter: Reporter | None = None,
+) -> int:
+    sender = sides.cli[send.side]
+    if reporter is None:
+        return _stream(sides, send, recv, progress, limit, compression)
+    dataset = sides.ds(send.side)
+    reporter.begin(stream_label(send, dataset), sender.estimate(send, dataset))
+    try:
+        return _stream(sides, send, recv, with_reporter(progress, reporter), limit, compression)
+    finally:
+        reporter.end()
+
+
+def _stream(
+    sides: _Sides,
+    send: Send,
+    recv: Receive,
+    progress: Callable[[int], None] | None,
+    limit: float | None,
+    compression: str,
 ) -> int:
     sender = sides.cli[send.side]
     receiver = sides.cli[recv.side]
@@ -197,12 +249,15 @@ def execute(
     progress: Callable[[int], None] | None = None,
     limit: float | None = None,
     compression: str = "none",
+    reporter: Reporter | None = None,
 ) -> ExecutionReport:
     """Run ``plan`` (which must not be refused); stop at the first failing step.
 
     ``progress`` gets the running byte count of the current stream, ``limit``
     caps streams at that many bytes per second, ``compression`` (``zstd``,
-    ``lz4``...) compresses each stream on the sending host.
+    ``lz4``...) compresses each stream on the sending host. A ``reporter``
+    (interactive runs only) is told each stream's label and size estimate
+    (``zfs send -nvP``, one extra command per stream) and its byte count.
     """
     plan.require()
     sides = _Sides(source, target, source_dataset, target_dataset)
@@ -225,7 +280,7 @@ def execute(
                         "a Send must be followed by its Receive; the plan is malformed"
                     )
                 stream_started = time.monotonic()
-                sent += _transfer(sides, step, following, progress, limit, compression)
+                sent += _transfer(sides, step, following, progress, limit, compression, reporter)
                 streaming += time.monotonic() - stream_started
                 done += 2
                 index += 2

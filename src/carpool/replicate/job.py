@@ -51,6 +51,7 @@ from carpool.replicate.plan import (
     plan_replication,
     plan_reverse,
 )
+from carpool.replicate.progress import Reporter
 from carpool.replicate.snapshots import ZfsSnapshot, unique_snapshot_name
 from carpool.replicate.state import DatasetLock, JobState, StateStore
 from carpool.replicate.transport import CommandError, Endpoint, Local, PipeError, Ssh
@@ -215,6 +216,7 @@ class JobRunner:
         retries: int = 2,
         progress: Callable[[int], None] | None = None,
         clock: Callable[[], float] = time.time,
+        reporter: Reporter | None = None,
     ) -> None:
         self.job = job
         self.store = store
@@ -223,6 +225,7 @@ class JobRunner:
         self.retries = retries
         self.progress = progress
         self.clock = clock
+        self.reporter = reporter
 
     # ------------------------------------------------------------------ helpers
 
@@ -346,6 +349,7 @@ class JobRunner:
                     progress=self.progress,
                     limit=self.job.bandwidth_limit,
                     compression=self.job.compression,
+                    reporter=self.reporter,
                 )
             except TargetModified:
                 if modified:
@@ -437,6 +441,7 @@ class JobRunner:
                     progress=self.progress,
                     limit=self.job.bandwidth_limit,
                     compression=self.job.compression,
+                    reporter=self.reporter,
                 )
             except ExecutionError as exc:
                 if attempts <= self.retries and _is_transient(exc):
@@ -535,7 +540,7 @@ class JobRunner:
                             if not (getattr(s, "kind", None) == "dataset" and s.side == "target")
                         ),
                     )
-                report = execute_btrfs(plan, ends.source, ends.target)
+                report = execute_btrfs(plan, ends.source, ends.target, reporter=self.reporter)
             else:
                 zends = _ZfsEnds(self, reversed_=True)
                 self._check_zfs(zends)
@@ -554,7 +559,14 @@ class JobRunner:
                     new_snapshot=name,
                     aside=f"{base}-diverged-{aside_stamp}",
                 ).require()
-                report = execute(plan, zends.source, zends.target, zends.source_ds, zends.target_ds)
+                report = execute(
+                    plan,
+                    zends.source,
+                    zends.target,
+                    zends.source_ds,
+                    zends.target_ds,
+                    reporter=self.reporter,
+                )
             return FailoverResult(
                 self.job.name,
                 "reverse",
@@ -597,7 +609,7 @@ class JobRunner:
                     live_exists=ends.target.cli.is_subvolume(ends.target.live()),
                     aside=f"{live}.before-failback-{self._stamp()}",
                 ).require()
-                report = execute_btrfs(plan, ends.source, ends.target)
+                report = execute_btrfs(plan, ends.source, ends.target, reporter=self.reporter)
             else:
                 zends = _ZfsEnds(self, reversed_=True)
                 self._check_zfs(zends)
@@ -609,7 +621,14 @@ class JobRunner:
                     {s.name for s in [*src_z, *tgt_z]},
                 )
                 plan = plan_failback(src_z, tgt_z, policy, final_snapshot=name).require()
-                report = execute(plan, zends.source, zends.target, zends.source_ds, zends.target_ds)
+                report = execute(
+                    plan,
+                    zends.source,
+                    zends.target,
+                    zends.source_ds,
+                    zends.target_ds,
+                    reporter=self.reporter,
+                )
             return FailoverResult(
                 self.job.name,
                 "failback",

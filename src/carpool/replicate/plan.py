@@ -474,12 +474,35 @@ def _prune(
     return tuple(name for name, _ in managed if name in decision.prune)
 
 
+def _stale_holds(
+    src: Sequence[_Point], tgt: Sequence[_Point], base: _Point
+) -> list[tuple[Side, str]]:
+    """Held target snapshots older than or equal to ``base`` (other than it), and their sources.
+
+    Each cycle holds its new base on both sides and releases the previous
+    one. When another tool (syncoid) replicated in between, the previous base
+    is no longer the common snapshot this cycle starts from, so its holds
+    would stay forever; they are released here (``missing_ok``: a hold with
+    another tag is left alone).
+    """
+    stale: list[tuple[Side, str]] = []
+    for point in tgt[: tgt.index(base) + 1]:
+        if not point.held or point is base:
+            continue
+        stale.append(("target", point.name))
+        stale += [
+            ("source", p.name) for p in src if p.held and not p.bookmark and p.keys & point.keys
+        ]
+    return stale
+
+
 def _post_steps(
     backend: Backend,
     policy: ReplicationPolicy,
     newest: str,
     old_source_base: _Point | None,
     old_target_base: str | None,
+    stale: Sequence[tuple[Side, str]] = (),
 ) -> list[Step]:
     if backend != "zfs":
         return []
@@ -497,6 +520,10 @@ def _post_steps(
             steps.append(Release("source", old_source_base.name, tag))
         if old_target_base is not None and old_target_base != newest:
             steps.append(Release("target", old_target_base, tag))
+        for side, name in stale:
+            release = Release(side, name, tag)
+            if name != newest and release not in steps:
+                steps.append(release)
     if policy.use_bookmarks:
         steps.append(Bookmark("source", newest, newest))
     return steps
@@ -702,6 +729,7 @@ def plan_replication(
         old_target_base=base_t.name,
         destroys=tuple(reversed(diverged)),
         target_points=tgt,
+        stale_holds=_stale_holds(src, tgt, base_t),
     )
 
 
@@ -723,9 +751,12 @@ def _finish(
     transfer: bool = True,
     target_points: Sequence[_Point] = (),
     keep_keys: frozenset[str] = frozenset(),
+    stale_holds: Sequence[tuple[Side, str]] = (),
 ) -> Plan:
     if transfer:
-        steps = steps + _post_steps(backend, policy, newest, old_source_base, old_target_base)
+        steps = steps + _post_steps(
+            backend, policy, newest, old_source_base, old_target_base, stale_holds
+        )
     prune_source: tuple[str, ...] = ()
     prune_target: tuple[str, ...] = ()
     if now is not None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from carpool.errors import CarpoolError
 from carpool.replicate.plan import Receive, Send
+from carpool.replicate.progress import parse_zfs_estimate
 from carpool.replicate.snapshots import (
     ZfsSnapshot,
     parse_zfs_get,
@@ -79,6 +80,7 @@ class ZfsCli:
         self.busy_timeout = busy_timeout
         self._sleep = sleep
         self._clock = clock
+        self._estimates: bool | None = None
 
     # ------------------------------------------------------------------ running
 
@@ -288,6 +290,26 @@ class ZfsCli:
             argv += ["-I" if step.intermediates else "-i", f"{dataset}{sep}{step.base}"]
         argv.append(f"{dataset}@{step.snapshot}")
         return argv
+
+    def estimate(self, step: Send, dataset: str) -> int | None:
+        """The stream size ``zfs send -nvP`` predicts for ``step``; None where it cannot.
+
+        zfs-fuse has no ``-n``/``-P``: the first "invalid option" answer turns
+        the estimate off for this endpoint. Failures never stop a transfer.
+        """
+        if self._estimates is False:
+            return None
+        argv = self.send_argv(step, dataset)
+        try:
+            result = self.run("send", "-nvP", *argv[2:], check=False, timeout=60.0)
+        except CommandError:
+            return None
+        if result.returncode != 0:
+            if _unsupported(result, "invalid option", "usage:"):
+                self._estimates = False
+            return None
+        self._estimates = True
+        return parse_zfs_estimate(result.stdout + "\n" + result.stderr)
 
     def recv_argv(self, step: Receive, dataset: str) -> list[str]:
         """``zfs recv [-F] -u dataset`` for a planner :class:`Receive` (never mounted by recv)."""
