@@ -281,7 +281,7 @@ class Traffic:
     def wait_flowing(self, minimum: int = 3) -> None:
         def flowing() -> bool:
             status = self.status()
-            return status["connected"] == CONNECTIONS and min(status["lines"]) >= minimum
+            return bool(status["connected"] == CONNECTIONS and min(status["lines"]) >= minimum)
 
         wait_until(flowing, 60, f"{CONNECTIONS} connections exchanging lines")
         assert self.status()["errors"] == {}
@@ -305,7 +305,7 @@ def topology(*, pfsync: bool) -> Iterator[tuple[Lab, dict[str, Node]]]:
         if pfsync:
             for name in ("r1", "r2"):
                 wait_until(
-                    lambda n=nodes[name]: bool((pfsync_status(n) or {}).get("syncok")),
+                    lambda n=nodes[name]: bool((pfsync_status(n) or {}).get("syncok")),  # type: ignore[misc]
                     30,
                     f"pfsyncd on {name} to finish its bulk update",
                 )
@@ -425,7 +425,7 @@ def test_forged_and_broken_sync_packets_are_rejected_and_counted() -> None:
         forged_entry = ConntrackEntry(
             original, original.inverted(), 14, 600, 0, 0, TcpInfo(TcpState.ESTABLISHED)
         )
-        forged = wire.Data(7, 1, (wire.Record(wire.Action.INS, forged_entry),))
+        forged = wire.Data(7, 1, (wire.Record.of(wire.Action.INS, forged_entry),))
         wrong_key = wire.encode(forged, b"not the key of this cluster!!")
         good = wire.encode(forged, KEY.encode())
         _send_from(
@@ -467,7 +467,9 @@ def test_multicast_sync_link_carries_inserts_and_deletes() -> None:
             start_pfsyncd(router)
         for router in (r1, r2):
             wait_until(
-                lambda n=router: bool((pfsync_status(n) or {}).get("syncok")), 30, "bulk done"
+                lambda n=router: bool((pfsync_status(n) or {}).get("syncok")),  # type: ignore[misc]
+                30,
+                "bulk done",
             )
             status = pfsync_status(router)
             assert status is not None and status["destination"] == "224.0.0.240"

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import ipaddress
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from carpool.pfsync import wire
+from carpool.pfsync import state, wire
 from carpool.pfsync.conntrack import ChangeKind
 from carpool.pfsync.ctnetlink import (
     ConntrackEntry,
@@ -94,7 +95,7 @@ class Simulation:
     def other(self, node: Node) -> str:
         return "b" if node.name == "a" else "a"
 
-    def perform(self, node: Node, actions: list[object]) -> None:
+    def perform(self, node: Node, actions: Sequence[object]) -> None:
         queue = list(actions)
         while queue:
             action = queue.pop(0)
@@ -105,15 +106,16 @@ class Simulation:
                     delay = self.random.choice((0.001, 0.001, 0.002, 0.01))
                     self.in_flight.append((self.now + delay, self.other(node), datagram))
             elif isinstance(action, Apply):
-                for change in action.changes:
-                    if change.kind is ChangeKind.MAKE_LIBERAL:
-                        node.liberal.add(change.entry.key)
-                    elif change.kind is ChangeKind.DELETE:
-                        node.kernel.pop(change.entry.key, None)
+                for kind, packed in action.changes:
+                    item = state.unpack(packed)
+                    if kind is ChangeKind.MAKE_LIBERAL:
+                        node.liberal.add(item.key)
+                    elif kind is ChangeKind.DELETE:
+                        node.kernel.pop(item.key, None)
                     else:
-                        node.kernel[change.entry.key] = change.entry
+                        node.kernel[item.key] = item
             elif isinstance(action, ReadTable):
-                entries = list(node.kernel.values())
+                entries = [state.pack(e) for e in node.kernel.values()]
                 queue.extend(
                     node.machine.table_read(
                         action.purpose, entries, self.now, self.now, action.bulk_id
@@ -131,7 +133,7 @@ class Simulation:
             node.kernel.pop(item.key, None)
         else:
             node.kernel[item.key] = item
-        self.perform(node, node.machine.local_changes([(kind, item)], self.now))
+        self.perform(node, node.machine.local_changes([(kind, state.pack(item))], self.now))
 
     def run(self, seconds: float, step: float = 0.005) -> None:
         end = self.now + seconds
@@ -295,5 +297,29 @@ def test_own_tcp_entries_are_made_liberal_without_touching_their_state() -> None
         TcpInfo(TcpState.ESTABLISHED, 7, 7, 11, 11),
     )
     node = sim.nodes["a"]
-    actions = node.machine.local_changes([(EventKind.UPDATE, liberal)], sim.now)
+    actions = node.machine.local_changes([(EventKind.UPDATE, state.pack(liberal))], sim.now)
     assert not [a for a in actions if isinstance(a, Apply)]
+
+
+def test_a_large_bulk_answer_goes_out_in_chunks_and_ends_after_its_data() -> None:
+    sim = Simulation(loss=0.05, seed=3, peer_timeout=30.0)
+    sim.run(1.0)
+    for index in range(3000):  # about 130 DATA messages: several chunks
+        sim.local("a", EventKind.NEW, entry(index))
+    sim.run(2.0)
+    b = sim.nodes["b"]
+    b.alive = False
+    b.kernel.clear()
+    restarted = sim.add("b")
+    actions = sim.nodes["a"].machine.received(
+        wire.BulkRequest(restarted.machine.session, 0, 99), sim.now
+    )
+    sends = [a.message for a in actions if isinstance(a, Send)]
+    data = [m for m in sends if isinstance(m, wire.Data)]
+    assert isinstance(sends[0], wire.BulkStart)
+    assert 0 < len(data) <= 32 and not any(isinstance(m, wire.BulkEnd) for m in sends)
+    assert sim.nodes["a"].machine.next_deadline() <= sim.now  # the rest at once
+    sim.perform(sim.nodes["a"], actions)
+    sim.run(10.0, step=0.01)
+    assert restarted.demotion == 0 and "BULK_DONE" in sim.events("b")
+    assert restarted.kernel == sim.nodes["a"].kernel and len(restarted.kernel) == 3000

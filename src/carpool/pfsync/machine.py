@@ -1,8 +1,10 @@
 """pfsyncd's state machine: what to send, apply and announce. Sans-I/O.
 
 This module owns every protocol decision of pfsyncd; it never reads the clock,
-touches a socket or the kernel.  The daemon feeds it inputs with the current
-time and performs the actions it returns::
+touches a socket or the kernel.  Entries are states, the flat byte strings of
+:mod:`carpool.pfsync.state`, keyed by their first bytes (zone and original
+tuple).  The daemon feeds it inputs with the current time and performs the
+actions it returns::
 
     machine = SyncMachine(settings, session=random, now=t)
     actions = machine.start(now)                        # demote, HELLO, bulk request
@@ -42,7 +44,10 @@ The rules:
   when BULK_END arrived and every data message up to it was received — or,
   like pfsync, after the last try ("pretend the transfer was ok").  A peer's
   bulk request is answered from the mirror (a dump if the kernel table has not
-  been read yet): BULK_START, every entry as UPD, BULK_END.
+  been read yet): BULK_START, every entry as UPD (but those this incarnation of
+  the peer sent us itself), BULK_END; the DATA messages go out ``BULK_CHUNK`` at
+  a time, one chunk per call, with :meth:`SyncMachine.next_deadline` "now"
+  until BULK_END is sent, so the peer starts writing at once.
 * **Refresh.**  The kernel sends no event when a packet extends an entry's
   timeout, so every ``refresh_interval`` the table is dumped: entries the
   peer's copy of which expires within two intervals while ours lives longer
@@ -62,9 +67,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from carpool.pfsync import state as states
 from carpool.pfsync import wire
-from carpool.pfsync.conntrack import ChangeKind, KernelChange
-from carpool.pfsync.ctnetlink import ConntrackEntry, ConntrackTuple, EventKind, is_liberal
+from carpool.pfsync.conntrack import ChangeKind
+from carpool.pfsync.ctnetlink import EventKind
+from carpool.pfsync.state import AddressFilter, content, is_liberal, key_of, merge, timeout_of
 from carpool.pfsync.wire import Action as RecordAction
 
 __all__ = [
@@ -79,11 +86,17 @@ __all__ = [
     "SyncSettings",
 ]
 
-Key = tuple[int, ConntrackTuple]
+#: family, protocol, zone and original tuple: the first bytes of a state
+Key = bytes
+#: an entry in the flat layout of :mod:`carpool.pfsync.state`
+State = bytes
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 _MASK = 0xFFFFFFFF
 _RX_WINDOW = 1 << 20
 _MAX_TOMBSTONES = 65536
+_ACTIONS = tuple(RecordAction)
+#: DATA messages of a bulk answer per call
+BULK_CHUNK = 32
 _OUT_STAT = {action: f"{action.name.lower()}_out" for action in RecordAction}
 _IN_STAT = {action: f"{action.name.lower()}_in" for action in RecordAction}
 
@@ -101,13 +114,13 @@ class SyncFilter:
     """Entries never synchronised: original or reply source in an ignored network."""
 
     ignored: tuple[Network, ...] = ()
+    matcher: AddressFilter = field(init=False, repr=False, compare=False)
 
-    def ignores(self, entry: ConntrackEntry) -> bool:
-        for address in (entry.original.src, entry.reply.src):
-            for network in self.ignored:
-                if address.version == network.version and address in network:
-                    return True
-        return False
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "matcher", AddressFilter(self.ignored))
+
+    def ignores(self, state: State) -> bool:
+        return self.matcher.ignores(state)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +150,8 @@ class Send:
 
 @dataclass(frozen=True, slots=True)
 class Apply:
-    changes: tuple[KernelChange, ...]
+    #: (what to do, state) pairs; :class:`~carpool.pfsync.conntrack.KernelChange` is one
+    changes: Sequence[tuple[ChangeKind, State]]
 
 
 class ReadPurpose(enum.Enum):
@@ -183,10 +197,10 @@ class BulkState(enum.Enum):
 class _Tracked:
     """What the machine knows of one entry."""
 
-    __slots__ = ("entry", "peer_expires", "peer_sequence", "updated_at")
+    __slots__ = ("peer_expires", "peer_sequence", "state", "updated_at")
 
-    def __init__(self, entry: ConntrackEntry, peer_expires: float, updated_at: float) -> None:
-        self.entry = entry
+    def __init__(self, state: State, peer_expires: float, updated_at: float) -> None:
+        self.state = state
         #: when the peer's copy runs out, as far as we know (0: it may not have one)
         self.peer_expires = peer_expires
         self.updated_at = updated_at
@@ -199,18 +213,9 @@ class _Sent:
 
     __slots__ = ("last_sent", "records")
 
-    def __init__(self, records: list[tuple[Key, RecordAction, ConntrackEntry]], now: float):
+    def __init__(self, records: list[tuple[Key, RecordAction, State]], now: float):
         self.records = records
         self.last_sent = now
-
-
-def _same_content(a: ConntrackEntry, b: ConntrackEntry) -> bool:
-    return (
-        a.reply == b.reply
-        and a.status == b.status
-        and a.mark == b.mark
-        and (a.tcp.state if a.tcp else None) == (b.tcp.state if b.tcp else None)
-    )
 
 
 class SyncMachine:
@@ -220,7 +225,7 @@ class SyncMachine:
         self.stats: Counter[str] = Counter()
         self.table: dict[Key, _Tracked] = {}
         # sending
-        self.pending: OrderedDict[Key, tuple[RecordAction, ConntrackEntry]] = OrderedDict()
+        self.pending: OrderedDict[Key, tuple[RecordAction, State]] = OrderedDict()
         self.tx_next = first_sequence
         self.unacked: OrderedDict[int, _Sent] = OrderedDict()
         self.owner: dict[Key, int] = {}
@@ -249,6 +254,8 @@ class SyncMachine:
         # refresh
         self.next_refresh = now + settings.refresh_interval
         self.reading: set[ReadPurpose] = set()
+        #: a bulk answer being sent: its id and how many queued records precede BULK_END
+        self.bulk_out: tuple[int, int] | None = None
         #: the kernel table was read once: the mirror can answer a bulk request
         self.table_known = False
 
@@ -268,35 +275,54 @@ class SyncMachine:
         return actions
 
     def local_changes(
-        self, changes: Iterable[tuple[EventKind, ConntrackEntry]], now: float
+        self, changes: Iterable[tuple[EventKind, State]], now: float
     ) -> list[MachineAction]:
-        """Kernel events (our own writes filtered out by the caller)."""
-        liberal: list[KernelChange] = []
-        for kind, entry in changes:
-            if self.settings.filter.ignores(entry):
-                self.stats["filtered"] += 1
+        """Kernel events as states (our own writes filtered out by the caller)."""
+        liberal: list[tuple[ChangeKind, State]] = []
+        ignores = self.settings.filter.matcher.ignores
+        table = self.table
+        pending = self.pending
+        queue = self._queue
+        filtered = inserts = removals = incomplete = 0
+        destroy, insert = EventKind.DESTROY, RecordAction.INS
+        for kind, state in changes:
+            if ignores(state):
+                filtered += 1
                 continue
-            key = entry.key
-            if kind is EventKind.DESTROY:
-                old = self.table.pop(key, None)
-                self.stats["removals"] += 1
-                self._queue(key, RecordAction.DEL, old.entry if old else entry)
+            key = state[:20] if state[0] == 4 else state[:44]
+            if kind is destroy:
+                old = table.pop(key, None)
+                removals += 1
+                queue(key, RecordAction.DEL, old.state if old else state)
                 continue
-            old = self.table.get(key)
-            merged = entry.merged_over(old.entry) if old is not None else entry
+            old = table.get(key)
             if old is None:
-                self.stats["inserts"] += 1
-                self.table[key] = _Tracked(merged, 0.0, now)
+                inserts += 1
+                table[key] = _Tracked(state, 0.0, now)
+                if state[1] == 6 and not state[-20] & 1:
+                    incomplete += 1  # a dump will bring the tcp state
+                else:
+                    pending[key] = (insert, state)
             else:
-                old.entry = merged
+                state = merge(state, old.state)
+                old.state = state
                 old.updated_at = now
-            action = RecordAction.INS if kind is EventKind.NEW or old is None else RecordAction.UPD
-            self._queue(key, action, merged)
-            if not is_liberal(merged):
-                liberal.append(KernelChange(ChangeKind.MAKE_LIBERAL, merged))
+                old.peer_sequence = -1  # changed here: ours as much as the peer's
+                queue(key, RecordAction.INS if kind is EventKind.NEW else RecordAction.UPD, state)
+            if state[1] == 6 and state[-20] & 1 and not state[-16] & state[-15] & 8:
+                liberal.append((ChangeKind.MAKE_LIBERAL, state))
+        stats = self.stats
+        if incomplete:
+            stats["incomplete"] += incomplete
+        if filtered:
+            stats["filtered"] += filtered
+        if inserts:
+            stats["inserts"] += inserts
+        if removals:
+            stats["removals"] += removals
         return self._make_liberal(liberal) + self._flush(now)
 
-    def _make_liberal(self, changes: list[KernelChange]) -> list[MachineAction]:
+    def _make_liberal(self, changes: list[tuple[ChangeKind, State]]) -> list[MachineAction]:
         """Our own TCP entries stop checking sequence windows, as injected ones do.
 
         When the peer takes over and later hands back (or during the moment both
@@ -308,12 +334,12 @@ class SyncMachine:
         if not changes:
             return []
         self.stats["made_liberal"] += len(changes)
-        return [Apply(tuple(changes))]
+        return [Apply(changes)]
 
     def table_read(
         self,
         purpose: ReadPurpose,
-        entries: Sequence[ConntrackEntry],
+        entries: Sequence[State],
         started_at: float,
         now: float,
         bulk_id: int = 0,
@@ -322,14 +348,15 @@ class SyncMachine:
         self.reading.discard(purpose)
         interval = self.settings.refresh_interval
         seen: set[Key] = set()
-        everything: list[tuple[Key, ConntrackEntry]] = []
-        liberal: list[KernelChange] = []
+        everything: list[tuple[Key, State]] = []
+        liberal: list[tuple[ChangeKind, State]] = []
+        ignores = self.settings.filter.ignores
         for entry in entries:
-            if self.settings.filter.ignores(entry):
+            if ignores(entry):
                 continue
             if not is_liberal(entry):
-                liberal.append(KernelChange(ChangeKind.MAKE_LIBERAL, entry))
-            key = entry.key
+                liberal.append((ChangeKind.MAKE_LIBERAL, entry))
+            key = key_of(entry)
             seen.add(key)
             everything.append((key, entry))
             old = self.table.get(key)
@@ -338,13 +365,13 @@ class SyncMachine:
                 self.table[key] = _Tracked(entry, 0.0, now)
                 self._queue(key, RecordAction.INS, entry)
                 continue
-            changed = not _same_content(old.entry, entry)
-            expires_here = now + (entry.timeout or 0)
+            changed = content(old.state) != content(entry)
+            expires_here = now + timeout_of(entry)
             stale = (
                 old.peer_expires < now + 2 * interval
                 and expires_here > old.peer_expires + interval / 2
             )
-            old.entry = entry
+            old.state = entry
             old.updated_at = now
             if changed or (purpose is ReadPurpose.REFRESH and stale):
                 self._queue(key, RecordAction.UPD, entry)
@@ -353,7 +380,7 @@ class SyncMachine:
         ]:
             tracked = self.table.pop(key)
             self.stats["removals"] += 1
-            self._queue(key, RecordAction.DEL, tracked.entry)
+            self._queue(key, RecordAction.DEL, tracked.state)
         actions: list[MachineAction] = self._make_liberal(liberal)
         if purpose is ReadPurpose.REFRESH:
             self.stats["refreshes"] += 1
@@ -362,20 +389,30 @@ class SyncMachine:
                 self._queue(key, RecordAction.UPD, entry)
         self.table_known = True
         if purpose is ReadPurpose.BULK:
-            return actions + self._send_bulk(bulk_id, now)
+            return actions + self._send_bulk(bulk_id, now) + self._flush(now)
         return actions + self._flush(now)
 
     def _send_bulk(self, bulk_id: int, now: float) -> list[MachineAction]:
-        """BULK_START, every entry we know as UPD, BULK_END (pfsync's bulk update)."""
+        """BULK_START, every entry we know as UPD, BULK_END (pfsync's bulk update).
+
+        Entries this incarnation of the peer sent us, unchanged here since, are
+        left out: the peer has them (had it lost them, it would have a new session).
+        """
         self.stats["bulk_sent"] += 1
+        pending = self.pending
+        upd = RecordAction.UPD
         for key, tracked in self.table.items():
-            self._queue(key, RecordAction.UPD, tracked.entry)
-        actions: list[MachineAction] = [
-            self._send(wire.BulkStart(self.session, self._last_data(), bulk_id), now)
-        ]
-        actions += self._flush(now, force=True)
-        actions.append(self._send(wire.BulkEnd(self.session, self._last_data(), bulk_id), now))
-        return actions
+            state = tracked.state
+            if tracked.peer_sequence >= 0 or (state[1] == 6 and not states.has_tcp(state)):
+                continue
+            previous = pending.get(key)
+            if previous is None or previous[0] is not RecordAction.INS:
+                pending[key] = (upd, state)
+        # Everything queued now goes out before BULK_END, a chunk per turn of the
+        # caller's loop (next_deadline() is "now" meanwhile), so the peer starts
+        # writing while the rest is still being framed and ACKs are read in between.
+        self.bulk_out = (bulk_id, len(pending))
+        return [self._send(wire.BulkStart(self.session, self._last_data(), bulk_id), now)]
 
     def received(self, message: wire.Message, now: float) -> list[MachineAction]:
         """An authenticated message from the peer."""
@@ -458,6 +495,8 @@ class SyncMachine:
             deadlines.append(self._probe_deadline())
         if self.bulk_state is BulkState.WAITING and self.bulk_deadline is not None:
             deadlines.append(self.bulk_deadline)
+        if self.bulk_out is not None:
+            deadlines.append(self.last_sent)  # the rest of a bulk answer: at once
         return min(deadlines)
 
     def _answers_our_bulk(self, message: wire.Message) -> bool:
@@ -514,8 +553,8 @@ class SyncMachine:
         self.reading.add(purpose)
         return ReadTable(purpose)
 
-    def _queue(self, key: Key, action: RecordAction, entry: ConntrackEntry) -> None:
-        if action is not RecordAction.DEL and entry.proto == 6 and entry.tcp is None:
+    def _queue(self, key: Key, action: RecordAction, entry: State) -> None:
+        if action is not RecordAction.DEL and entry[1] == 6 and not states.has_tcp(entry):
             self.stats["incomplete"] += 1  # a dump will bring the tcp state
             return
         previous = self.pending.get(key)
@@ -523,61 +562,82 @@ class SyncMachine:
             action = RecordAction.INS
         self.pending[key] = (action, entry)
 
-    def _flush(self, now: float, *, force: bool = False) -> list[MachineAction]:
-        if not self.pending or not (self.peer_alive or force):
+    def _flush(self, now: float) -> list[MachineAction]:
+        bulk = self.bulk_out
+        if bulk is None and (not self.pending or not self.peer_alive):
             return []
         actions: list[MachineAction] = []
         room = self.settings.datagram_size - wire.HEADER.size - wire.MAC_SIZE
-        while self.pending and (force or len(self.unacked) < self.settings.max_unacked):
-            records: list[tuple[Key, RecordAction, ConntrackEntry]] = []
+        pending = self.pending
+        chunk = BULK_CHUNK
+        limit = self.settings.max_unacked
+        while pending and (chunk > 0 if bulk is not None else len(self.unacked) < limit):
+            records: list[tuple[Key, RecordAction, State]] = []
             used = 0
-            while self.pending:
-                key, (action, entry) = next(iter(self.pending.items()))
-                size = wire.record_size(entry)
+            while pending:
+                key, (action, entry) = pending.popitem(last=False)
+                size = 1 + len(entry)
                 if records and used + size > room:
+                    pending[key] = (action, entry)
+                    pending.move_to_end(key, last=False)
                     break
-                del self.pending[key]
                 records.append((key, action, entry))
                 used += size
             actions.append(self._send_data(records, now))
+            if bulk is not None:
+                chunk -= 1
+                bulk = (bulk[0], bulk[1] - len(records))
+                if bulk[1] <= 0:
+                    break
+        if bulk is not None:
+            if bulk[1] <= 0 or not pending:
+                self.bulk_out = None
+                end = wire.BulkEnd(self.session, self._last_data(), bulk[0])
+                actions.append(self._send(end, now))
+            else:
+                self.bulk_out = bulk
         return actions
 
-    def _send_data(
-        self, records: list[tuple[Key, RecordAction, ConntrackEntry]], now: float
-    ) -> Send:
+    def _send_data(self, records: list[tuple[Key, RecordAction, State]], now: float) -> Send:
         sequence = self.tx_next
         self.tx_next += 1
         self.unacked[sequence] = _Sent(records, now)
+        owner = self.owner
+        table = self.table
+        counts = [0, 0, 0, 0]
+        delete = RecordAction.DEL
         for key, action, entry in records:
-            self.owner[key] = sequence
-            self.stats[_OUT_STAT[action]] += 1
-            tracked = self.table.get(key)
-            if tracked is not None and action is not RecordAction.DEL:
-                tracked.peer_expires = now + (entry.timeout or 0)
+            owner[key] = sequence
+            counts[action] += 1
+            if action is not delete:
+                tracked = table.get(key)
+                if tracked is not None:
+                    tracked.peer_expires = now + timeout_of(entry)
+        for action in _ACTIONS:
+            if counts[action]:
+                self.stats[_OUT_STAT[action]] += counts[action]
         self.stats["data_out"] += 1
         return self._send(self._data_message(sequence, records), now)
 
     def _data_message(
-        self, sequence: int, records: list[tuple[Key, RecordAction, ConntrackEntry]]
+        self, sequence: int, records: list[tuple[Key, RecordAction, State]]
     ) -> wire.Data:
         return wire.Data(
-            self.session,
-            sequence & _MASK,
-            tuple(wire.Record(action, entry) for _, action, entry in records),
+            self.session, sequence & _MASK, tuple([(action, entry) for _, action, entry in records])
         )
 
     def _resend(self, sequence: int, now: float) -> Send | None:
         sent = self.unacked.get(sequence)
         if sent is None or now - sent.last_sent < self.settings.resend_interval:
             return None
-        fresh: list[tuple[Key, RecordAction, ConntrackEntry]] = []
+        fresh: list[tuple[Key, RecordAction, State]] = []
         for key, action, entry in sent.records:
             if self.owner.get(key) != sequence:
                 continue  # sent again later, with a newer state
             if action is not RecordAction.DEL:
                 tracked = self.table.get(key)
                 if tracked is not None:
-                    entry = tracked.entry
+                    entry = tracked.state
             fresh.append((key, action, entry))
         sent.records = fresh
         sent.last_sent = now
@@ -667,49 +727,72 @@ class SyncMachine:
             self.ack_due = now + self.settings.ack_delay
         if self.bulk_state is BulkState.WAITING and self.bulk_deadline is not None:
             self.bulk_deadline = max(self.bulk_deadline, now + self.settings.bulk_timeout)
-        changes: list[KernelChange] = []
-        for record in message.records:
-            entry = record.entry
-            if self.settings.filter.ignores(entry):
-                self.stats["filtered"] += 1
+        changes: list[tuple[ChangeKind, State]] = []
+        ignores = self.settings.filter.matcher.ignores
+        table = self.table
+        deleted = self.deleted
+        pending = self.pending
+        counts = [0, 0, 0, 0]
+        filtered = stale = badstate = 0
+        delete, insert = RecordAction.DEL, RecordAction.INS
+        upsert, update, remove = ChangeKind.UPSERT, ChangeKind.UPDATE_OR_CREATE, ChangeKind.DELETE
+        for action, entry in message.records:
+            if ignores(entry):
+                filtered += 1
                 continue
-            self.stats[_IN_STAT[record.action]] += 1
-            key = entry.key
-            tracked = self.table.get(key)
-            newest = tracked.peer_sequence if tracked is not None else self.deleted.get(key, -1)
+            counts[action] += 1
+            key = entry[:20] if entry[0] == 4 else entry[:44]
+            tracked = table.get(key)
+            if tracked is not None:
+                newest = tracked.peer_sequence
+            elif deleted:
+                newest = deleted.get(key, -1)
+            else:
+                newest = -1
             if newest > sequence:
-                self.stats["stale"] += 1  # a late message: a newer one already set this entry
+                stale += 1  # a late message: a newer one already set this entry
                 continue
-            if record.action is RecordAction.DEL:
-                self.table.pop(key, None)
-                self.pending.pop(key, None)
-                self.deleted[key] = sequence
-                self.deleted.move_to_end(key)
-                if len(self.deleted) > _MAX_TOMBSTONES:
-                    self.deleted.popitem(last=False)
-                changes.append(KernelChange(ChangeKind.DELETE, entry))
+            if action is delete:
+                table.pop(key, None)
+                pending.pop(key, None)
+                deleted[key] = sequence
+                deleted.move_to_end(key)
+                if len(deleted) > _MAX_TOMBSTONES:
+                    deleted.popitem(last=False)
+                changes.append((remove, entry))
                 continue
-            if entry.proto == 6 and entry.tcp is None:
-                self.stats["badstate"] += 1
+            if entry[1] == 6 and not entry[-20] & 1:
+                badstate += 1
                 continue
-            self.deleted.pop(key, None)
-            expires = now + (entry.timeout or 0)
+            if deleted:
+                deleted.pop(key, None)
+            expires = now + int.from_bytes(entry[-4:], "big")
             # An entry we do not know is most likely missing from the kernel too: try
             # the create first (one netlink message instead of a failed update and a create).
-            kind = ChangeKind.UPSERT
+            kind = upsert
             if tracked is None:
-                tracked = self.table[key] = _Tracked(entry, expires, now)
+                tracked = table[key] = _Tracked(entry, expires, now)
             else:
-                tracked.entry = entry
+                tracked.state = entry
                 tracked.peer_expires = expires
                 tracked.updated_at = now
-                if record.action is not RecordAction.INS:
-                    kind = ChangeKind.UPDATE_OR_CREATE
+                if action is not insert:
+                    kind = update
             tracked.peer_sequence = sequence
-            changes.append(KernelChange(kind, entry))
+            changes.append((kind, entry))
+        stats = self.stats
+        for action in _ACTIONS:
+            if counts[action]:
+                stats[_IN_STAT[action]] += counts[action]
+        if filtered:
+            stats["filtered"] += filtered
+        if stale:
+            stats["stale"] += stale
+        if badstate:
+            stats["badstate"] += badstate
         actions: list[MachineAction] = []
         if changes:
-            actions.append(Apply(tuple(changes)))
+            actions.append(Apply(changes))
         actions += self._check_bulk(now)
         if self.ack_due is not None and self.ack_due <= now:
             actions.append(self._send(self._ack_message(), now))

@@ -9,7 +9,7 @@ Every datagram (all numbers big endian)::
 
     offset size
      0      4   magic  b"CPsy"
-     4      1   version (1)
+     4      1   version (2)
      5      1   type: 1 DATA, 2 ACK, 3 HELLO, 4 ALIVE, 5 BULK_REQUEST,
                       6 BULK_START, 7 BULK_END
      6      1   flags: HELLO 0x01 = answer with a HELLO
@@ -24,13 +24,19 @@ Every datagram (all numbers big endian)::
 
 Bodies:
 
-* DATA: ``count`` records, each ``u8 action (1 INS, 2 UPD, 3 DEL)`` + entry::
+* DATA: ``count`` records, each ``u8 action (1 INS, 2 UPD, 3 DEL)`` + the
+  entry as a *state*, the flat layout of :mod:`carpool.pfsync.state` (56 bytes
+  for IPv4, 104 for IPv6; its first byte, the address family, gives its size)::
 
-      u8 family (4|6)  u8 proto  u8 flags (0x01 tcp info, 0x02 mark, 0x04 timeout)
-      u8 tcp state  u8 wscale orig  u8 wscale reply  u8 tcp flags orig
-      u8 tcp flags reply  u32 status  u32 timeout  u32 mark  u16 zone  u16 reserved
+      u8 family (4|6)  u8 proto  u16 zone
       original tuple, reply tuple: src addr, dst addr (4 or 16 bytes each),
           u16 src port, u16 dst port, u16 icmp id, u8 icmp type, u8 icmp code
+      u8 flags (0x01 tcp info, 0x02 mark, 0x04 timeout)  u8 tcp state
+      u8 wscale orig  u8 wscale reply  u8 tcp flags orig  u8 tcp flags reply
+      u16 reserved  u32 status  u32 mark  u32 timeout
+
+  A state is what both daemons keep for an entry and what the receiver turns
+  into its kernel's netlink request without building objects in between.
 
 * ACK: ``u32 cumulative`` (every sequence number up to it received),
   ``u16 n``, ``u16 reserved``, then ``n`` ranges ``u32 first, u32 last`` of
@@ -47,20 +53,15 @@ subclass whose ``stat`` names the counter (``netstat -s -p pfsync`` words).
 from __future__ import annotations
 
 import enum
-import hashlib
 import hmac
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from carpool.errors import ProtocolError
-from carpool.pfsync.ctnetlink import (
-    ConntrackEntry,
-    ConntrackTuple,
-    TcpInfo,
-    TcpState,
-    address_from_bytes,
-)
+from carpool.pfsync import state as state_module
+from carpool.pfsync.ctnetlink import ConntrackEntry
 
 __all__ = [
     "MAGIC",
@@ -87,21 +88,16 @@ __all__ = [
 ]
 
 MAGIC = b"CPsy"
-VERSION = 1
+VERSION = 2
 HEADER = struct.Struct("!4sBBBBHHQI")
 MAC_SIZE = 32
 #: the largest datagram we build or accept (fits one Ethernet frame with IPv6 and UDP)
 MAX_DATAGRAM = 1400
 MAX_NACK_RANGES = 64
-_ENTRY = struct.Struct("!BBBBBBBBIIIHH")
-_PORTS = struct.Struct("!HHHBB")
 _ACK = struct.Struct("!IHH")
 _RANGE = struct.Struct("!II")
 _U32 = struct.Struct("!I")
 
-FLAG_TCP = 0x01
-FLAG_MARK = 0x02
-FLAG_TIMEOUT = 0x04
 HELLO_ANSWER = 0x01
 
 
@@ -141,17 +137,27 @@ class Action(enum.IntEnum):
     DEL = 3
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
+class Record(NamedTuple):
+    """One record: what to do and the entry as a state (:mod:`carpool.pfsync.state`)."""
+
     action: Action
-    entry: ConntrackEntry
+    state: bytes
+
+    @property
+    def entry(self) -> ConntrackEntry:
+        return state_module.unpack(self.state)
+
+    @classmethod
+    def of(cls, action: Action, entry: ConntrackEntry) -> Record:
+        return cls(action, state_module.pack(entry))
 
 
 @dataclass(frozen=True, slots=True)
 class Data:
     session: int
     sequence: int
-    records: tuple[Record, ...]
+    #: (action, state) pairs; :class:`Record` is one with names
+    records: tuple[tuple[Action, bytes], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,131 +209,51 @@ Message = Data | Ack | Hello | Alive | BulkRequest | BulkStart | BulkEnd
 # --------------------------------------------------------------------------- records
 
 
-def _address_size(family: int) -> int:
-    return 4 if family == 4 else 16
-
-
-def record_size(entry: ConntrackEntry) -> int:
-    """Bytes one record of ``entry`` takes in a DATA body."""
-    return 1 + _ENTRY.size + 2 * (2 * _address_size(entry.original.src.version) + _PORTS.size)
-
-
-def _encode_tuple(value: ConntrackTuple) -> bytes:
-    return (
-        value.src.packed
-        + value.dst.packed
-        + _PORTS.pack(
-            value.src_port, value.dst_port, value.icmp_id, value.icmp_type, value.icmp_code
-        )
-    )
-
-
-def _encode_record(record: Record) -> bytes:
-    entry = record.entry
-    original, reply = entry.original, entry.reply
-    if original.src.version != original.dst.version or any(
-        a.version != original.src.version for a in (reply.src, reply.dst)
-    ):
-        raise ValueError("an entry's addresses must all be of one family")
-    flags = 0
-    tcp = entry.tcp
-    if tcp is not None:
-        flags |= FLAG_TCP
-    if entry.mark is not None:
-        flags |= FLAG_MARK
-    if entry.timeout is not None:
-        flags |= FLAG_TIMEOUT
-    head = _ENTRY.pack(
-        original.src.version,
-        original.proto,
-        flags,
-        int(tcp.state) if tcp else 0,
-        tcp.wscale_original if tcp else 0,
-        tcp.wscale_reply if tcp else 0,
-        tcp.flags_original if tcp else 0,
-        tcp.flags_reply if tcp else 0,
-        entry.status & 0xFFFFFFFF,
-        entry.timeout or 0,
-        entry.mark or 0,
-        entry.zone,
-        0,
-    )
-    return bytes((record.action,)) + head + _encode_tuple(original) + _encode_tuple(reply)
+def record_size(state: bytes) -> int:
+    """Bytes one record of ``state`` takes in a DATA body."""
+    return 1 + len(state)
 
 
 _ACTIONS = {int(action): action for action in Action}
-_TCP_STATES = tuple(TcpState)
-#: a whole IPv4 record: action, entry fields, two tuples
-_V4_RECORD = struct.Struct("!B" + _ENTRY.format.lstrip("!") + "4s4sHHHBB4s4sHHHBB")
-_V6_TUPLES = struct.Struct("!16s16sHHHBB16s16sHHHBB")
+_ACTION_BYTES = {action: bytes((action,)) for action in Action}
+_SIZES = {4: state_module.V4_SIZE, 6: state_module.V6_SIZE}
 
 
-def _decode_record(buf: bytes, offset: int, end: int) -> tuple[Record, int]:
-    if end - offset < _V4_RECORD.size:
-        raise BadLength("DATA record cut short")
-    family = buf[offset + 1]
-    if family == 4:
-        values = _V4_RECORD.unpack_from(buf, offset)
-        size = _V4_RECORD.size
-    elif family == 6:
-        size = 1 + _ENTRY.size + _V6_TUPLES.size
+def _decode_records(
+    buf: bytes, offset: int, end: int, count: int
+) -> tuple[tuple[Action, bytes], ...]:
+    records = []
+    actions = _ACTIONS
+    sizes = _SIZES
+    check = state_module.check
+    for _ in range(count):
+        if end - offset < 2:
+            raise BadLength("DATA record cut short")
+        action = actions.get(buf[offset])
+        if action is None:
+            raise BadValue(f"unknown record action {buf[offset]}")
+        size = sizes.get(buf[offset + 1])
+        if size is None:
+            raise BadValue(f"record of address family {buf[offset + 1]}")
+        offset += 1
         if end - offset < size:
-            raise BadLength("DATA record cut short in its tuples")
-        values = _ENTRY.unpack_from(buf, offset + 1)
-        values = (buf[offset], *values, *_V6_TUPLES.unpack_from(buf, offset + 1 + _ENTRY.size))
-    else:
-        raise BadValue(f"record of address family {family}")
-    (
-        raw_action, _, proto, flags, state, wscale_original, wscale_reply, flags_original,
-        flags_reply, status, timeout, mark, zone, reserved,
-        o_src, o_dst, o_sport, o_dport, o_id, o_type, o_code,
-        r_src, r_dst, r_sport, r_dport, r_id, r_type, r_code,
-    ) = values  # fmt: skip
-    action = _ACTIONS.get(raw_action)
-    if action is None:
-        raise BadValue(f"unknown record action {raw_action}")
-    if flags & ~(FLAG_TCP | FLAG_MARK | FLAG_TIMEOUT) or reserved:
-        raise BadValue("record with reserved bits set")
-    tcp = None
-    if flags & FLAG_TCP:
-        if proto != 6:
-            raise BadValue("tcp information on a record that is not TCP")
-        if state >= len(_TCP_STATES):
-            raise BadValue(f"unknown tcp state {state}")
-        tcp = TcpInfo(
-            _TCP_STATES[state], wscale_original, wscale_reply, flags_original, flags_reply
-        )
-    elif state or wscale_original or wscale_reply or flags_original or flags_reply:
-        raise BadValue("tcp fields set without the tcp flag")
-    if not flags & FLAG_MARK and mark:
-        raise BadValue("mark set without the mark flag")
-    if not flags & FLAG_TIMEOUT and timeout:
-        raise BadValue("timeout set without the timeout flag")
-    original = ConntrackTuple(
-        address_from_bytes(o_src), address_from_bytes(o_dst), proto,
-        o_sport, o_dport, o_id, o_type, o_code,
-    )  # fmt: skip
-    reply = ConntrackTuple(
-        address_from_bytes(r_src), address_from_bytes(r_dst), proto,
-        r_sport, r_dport, r_id, r_type, r_code,
-    )  # fmt: skip
-    entry = ConntrackEntry(
-        original,
-        reply,
-        status,
-        timeout if flags & FLAG_TIMEOUT else None,
-        mark if flags & FLAG_MARK else None,
-        zone,
-        tcp,
-    )
-    return Record(action, entry), offset + size
+            raise BadLength("DATA record cut short")
+        state = buf[offset : offset + size]
+        why = check(state)
+        if why is not None:
+            raise BadValue(why)
+        records.append((action, state))
+        offset += size
+    if offset != end:
+        raise BadLength(f"{end - offset} bytes after the last DATA record")
+    return tuple(records)
 
 
 # --------------------------------------------------------------------------- messages
 
 
 def _mac(key: bytes, data: bytes) -> bytes:
-    return hmac.new(key, data, hashlib.sha256).digest()
+    return hmac.digest(key, data, "sha256")
 
 
 def encode(message: Message, key: bytes) -> bytes:
@@ -337,7 +263,8 @@ def encode(message: Message, key: bytes) -> bytes:
     if isinstance(message, Data):
         kind = MessageType.DATA
         count = len(message.records)
-        body = b"".join(_encode_record(r) for r in message.records)
+        action_bytes = _ACTION_BYTES
+        body = b"".join([action_bytes[action] + state for action, state in message.records])
     elif isinstance(message, Ack):
         kind = MessageType.ACK
         if len(message.missing) > MAX_NACK_RANGES:
@@ -407,14 +334,7 @@ def decode(datagram: bytes, key: bytes) -> Message:
     start, end = HEADER.size, size - MAC_SIZE
     body_size = end - start
     if kind is MessageType.DATA:
-        records = []
-        offset = start
-        for _ in range(count):
-            record, offset = _decode_record(datagram, offset, end)
-            records.append(record)
-        if offset != end:
-            raise BadLength(f"{end - offset} bytes after the last DATA record")
-        return Data(session, sequence, tuple(records))
+        return Data(session, sequence, _decode_records(datagram, start, end, count))
     if kind is MessageType.ACK:
         if body_size < _ACK.size:
             raise BadLength("ACK body cut short")
@@ -453,7 +373,7 @@ def pack_records(records: Sequence[Record], limit: int = MAX_DATAGRAM) -> list[l
     current: list[Record] = []
     used = 0
     for record in records:
-        size = record_size(record.entry)
+        size = record_size(record.state)
         if current and used + size > room:
             groups.append(current)
             current, used = [], 0
