@@ -179,6 +179,13 @@ class ActiveMap:
         """Account for a request about to be issued; the bitmap to write first, or None."""
         exts = self.extents(offset, length)
         lru = self._lru
+        if len(exts) == 1 and exts[0] in lru:
+            # The common case: an extent in the keepdirty set is dirty already (nothing
+            # to evict, nothing to update); a bitmap only if it is not on disk yet.
+            ext = exts[0]
+            self._memtab[ext] += 1
+            lru.move_to_end(ext)
+            return None if self._disk[ext >> 3] & (1 << (ext & 7)) else self.bitmap()
         evicted: list[int] = []
         for ext in exts:
             self._memtab[ext] += 1
@@ -215,6 +222,11 @@ class ActiveMap:
     def need_sync(self, offset: int, length: int) -> bytes | None:
         """The peer missed this range: keep it dirty until resynced; bitmap if newly dirty."""
         exts = self.extents(offset, length)
+        if len(exts) == 1:
+            ext = exts[0]
+            index, bit = ext >> 3, 1 << (ext & 7)
+            if self._syncmap[index] & bit and self._disk[index] & bit:
+                return None  # already to resync, dirty, and on disk: nothing changes
         for ext in exts:
             self._sync_add(ext)
             self._update(ext)

@@ -114,6 +114,7 @@ class Worker:
                 self.completions.clear()
 
     def _perform_one(self, action: act.Action) -> None:
+        # The most frequent actions are tested first: a write, the reply, a send.
         machine = self.machine
         assert machine is not None
         disk = self.provider.data
@@ -131,6 +132,21 @@ class Worker:
                 ok = False
             id = action.id
             self.completions.append(lambda: machine.local_write_done(id, ok, time.monotonic()))
+        elif isinstance(action, act.ReplyToClient):
+            respond = self.pending.pop(action.cookie, None)
+            if respond is not None:
+                respond(action.error, action.data if action.data is None else
+                        memoryview(action.data))  # fmt: skip
+        elif isinstance(action, act.SendToPeer):
+            link = self.link
+            if link is not None:
+                link.send(action.message)
+                if link.needs_drain and not self.draining:
+                    # The peer falls behind: take no new client requests until it catches up.
+                    self.draining = True
+                    if self.nbd is not None:
+                        self.nbd.pause_reading()
+                    self.spawn(self._drain(link))
         elif isinstance(action, act.LocalRead):
             try:
                 data: bytes | None = disk.read_now(action.offset, action.length)
@@ -165,25 +181,10 @@ class Worker:
                 ok = False
             token = action.token
             self.completions.append(lambda: machine.metadata_written(token, ok, time.monotonic()))
-        elif isinstance(action, act.SendToPeer):
-            link = self.link
-            if link is not None:
-                link.send(action.message)
-                if link.needs_drain and not self.draining:
-                    # The peer falls behind: take no new client requests until it catches up.
-                    self.draining = True
-                    if self.nbd is not None:
-                        self.nbd.pause_reading()
-                    self.spawn(self._drain(link))
         elif isinstance(action, act.ClosePeer):
             self._close_link(action.reason)
         elif isinstance(action, act.ConnectPeer):
             self.spawn(self._connect())
-        elif isinstance(action, act.ReplyToClient):
-            respond = self.pending.pop(action.cookie, None)
-            if respond is not None:
-                respond(action.error, action.data if action.data is None else
-                        memoryview(action.data))  # fmt: skip
         elif isinstance(action, act.Event):
             self.daemon.hook(self.config, action.name, dict(action.attrs))
         elif isinstance(action, act.VerifyDone):
