@@ -16,7 +16,7 @@ import logging
 import socket
 import time
 import typing
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from carpool.errors import CarpoolError
@@ -204,11 +204,6 @@ class PeerLink(asyncio.BufferedProtocol):
             await asyncio.shield(self._writable)
         if self._error is not None and self.transport is not None and self.transport.is_closing():
             raise self._error
-
-    async def messages(self) -> AsyncIterator[Message]:
-        """Every message until the peer closes (or, with a ``timeout``, falls silent)."""
-        while True:
-            yield await self.next_message()
 
     async def next_message(self) -> Message:
         """The next message (several may arrive in one read: the rest wait their turn)."""

@@ -4,8 +4,7 @@ Plain ``AF_NETLINK``/``NETLINK_NETFILTER`` sockets and the hand-packed codec of
 :mod:`carpool.pfsync.ctnetlink` (see there for why not pyroute2).  The daemon's
 hot path moves entries as states (:mod:`carpool.pfsync.state`), never as objects.
 
-* :func:`dump_states` reads every entry as a state, :func:`dump_table` as
-  :class:`~carpool.pfsync.ctnetlink.ConntrackEntry` (blocking; run them in a thread).
+* :func:`dump_states` reads every entry as a state (blocking; run it in a thread).
 * :class:`EventSocket` is subscribed to NEW, UPDATE and DESTROY.  Its receive
   buffer is forced large (``SO_RCVBUFFORCE``, root) because the kernel drops
   events it cannot queue; when it did (``ENOBUFS``), :meth:`EventSocket.read_states`
@@ -40,8 +39,6 @@ from carpool.pfsync.ctnetlink import (
     ConntrackEntry,
     ConntrackMessage,
     CtnetlinkError,
-    NetlinkAck,
-    NetlinkDone,
 )
 
 __all__ = [
@@ -54,7 +51,6 @@ __all__ = [
     "TableWriter",
     "WriteBatch",
     "dump_states",
-    "dump_table",
 ]
 
 NETLINK_NETFILTER = 12
@@ -96,37 +92,6 @@ def _open(groups: int = 0, receive_buffer: int = WRITER_BUFFER) -> socket.socket
             "(pfsyncd needs root and the nf_conntrack_netlink module)"
         ) from None
     return sock
-
-
-def dump_table(family: int = socket.AF_UNSPEC) -> list[ConntrackEntry]:
-    """Every entry of the table (of both families by default)."""
-    sock = _open()
-    try:
-        sock.settimeout(30.0)
-        sock.send(ctnetlink.build_dump_request(1, family))
-        entries: list[ConntrackEntry] = []
-        while True:
-            try:
-                data = sock.recv(RECEIVE_SIZE)
-            except OSError as error:
-                if error.errno == errno.EINTR:
-                    continue
-                raise CarpoolError(f"conntrack dump failed: {error.strerror or error}") from None
-            try:
-                for message in ctnetlink.decode_messages(data):
-                    if isinstance(message, NetlinkDone):
-                        return entries
-                    if isinstance(message, NetlinkAck):
-                        if message.error:
-                            raise CarpoolError(
-                                f"conntrack dump refused: {errno.errorcode.get(message.error)}"
-                            )
-                        continue
-                    entries.append(message.entry)
-            except CtnetlinkError:
-                continue  # one entry of a shape we do not sync (other family): skip the buffer
-    finally:
-        sock.close()
 
 
 def dump_states(family: int = socket.AF_UNSPEC) -> list[bytes]:

@@ -189,12 +189,6 @@ class DatabaseScenario:
                            self.pgdata], check=False)  # fmt: skip
         return result.returncode == 0
 
-    def who_serves(self) -> str:
-        for name, node in self.db.items():
-            if carp_state(node) == "MASTER":
-                return name
-        return "nobody"
-
     # -- building ---------------------------------------------------------------------------
 
     def build(self) -> None:
